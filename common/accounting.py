@@ -1,0 +1,216 @@
+"""Privacy accounting with Google's ``dp-accounting`` (DESIGN.md §1).
+
+A training history is a composition of DP events, one per phase::
+
+    Composed([SelfComposed(PoissonSampled(q, Gaussian(sigma_pre)), T_pre),
+              SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)])
+
+PLD (Koskela et al.; Doroshenko et al. 2022) is the default accountant; RDP (Mironov
+2017; Mironov, Talwar & Zhang 2019) an option. Neighbouring relation: add/remove one
+example (the relation Poisson-subsampled Gaussian analyses assume).
+
+:func:`calibrate_noise` finds the smallest noise multiplier (to a relative tolerance)
+whose plan stays within the target epsilon; it never returns a value that overshoots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dp_accounting
+from dp_accounting import pld, rdp
+
+from common.errors import BudgetError
+
+ACCOUNTANTS = ("pld", "rdp")
+MAX_NOISE_MULTIPLIER = 1e3
+
+
+@dataclass(frozen=True)
+class Phase:
+    """``steps`` Poisson-subsampled Gaussian releases at rate ``sample_rate``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise multiplier must be > 0, got {self.noise_multiplier}")
+        if not (0 < self.sample_rate <= 1):
+            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0 or int(self.steps) != self.steps:
+            raise ValueError(f"steps must be a non-negative integer, got {self.steps}")
+
+    def event(self) -> dp_accounting.DpEvent:
+        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        if self.sample_rate < 1:
+            step = dp_accounting.PoissonSampledDpEvent(self.sample_rate, gaussian)
+        else:
+            step = gaussian
+        return dp_accounting.SelfComposedDpEvent(step, int(self.steps))
+
+    def to_dict(self) -> dict:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+        }
+
+
+def compose(phases: Sequence[Phase]) -> dp_accounting.DpEvent:
+    """One DpEvent for a whole history (empty phases are dropped)."""
+    events = [p.event() for p in phases if p.steps > 0]
+    if not events:
+        return dp_accounting.NoOpDpEvent()
+    return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+
+
+def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
+    if accountant == "pld":
+        return pld.PLDAccountant()
+    if accountant == "rdp":
+        return rdp.RdpAccountant()
+    raise ValueError(f"unknown accountant '{accountant}' (pld, rdp)")
+
+
+def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld") -> float:
+    acc = make_accountant(accountant)
+    if isinstance(event, dp_accounting.NoOpDpEvent):
+        return 0.0
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def compute_epsilon(
+    *,
+    delta: float,
+    accountant: str = "pld",
+    phases: Sequence[Phase] | None = None,
+    noise_multiplier: float | None = None,
+    sample_rate: float | None = None,
+    steps: int | None = None,
+) -> float:
+    """Epsilon at ``delta`` after ``phases`` (or one phase given by its three numbers).
+
+    >>> round(compute_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=2250,
+    ...                       delta=1e-5, accountant="rdp"), 3)
+    7.329
+    """
+    if phases is None:
+        if noise_multiplier is None or sample_rate is None or steps is None:
+            raise ValueError("give phases, or noise_multiplier, sample_rate and steps")
+        phases = [Phase(noise_multiplier, sample_rate, steps)]
+    return epsilon_of_event(compose(phases), delta, accountant)
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    accountant: str = "pld",
+    fixed_phases: Sequence[Phase] = (),
+    rel_tol: float = 1e-3,
+) -> float:
+    """Smallest noise multiplier (within ``rel_tol``) such that ``fixed_phases`` followed by
+    ``steps`` releases at ``sample_rate`` stay within ``target_epsilon``.
+
+    Bisection on sigma, always keeping a feasible upper end, so the result never
+    overshoots the target. RDP (fast) gives the bracket for PLD, since PLD <= RDP.
+    Raises :class:`BudgetError` when no sigma <= 1000 reaches the target.
+    """
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise BudgetError(f"target epsilon must be a positive number, got {target_epsilon}")
+    if steps <= 0:
+        raise BudgetError(f"nothing to calibrate: {steps} steps planned")
+
+    def eps(sigma: float, acc: str) -> float:
+        return compute_epsilon(
+            phases=[*fixed_phases, Phase(sigma, sample_rate, steps)], delta=delta, accountant=acc
+        )
+
+    def search(acc: str, lo: float, hi: float) -> float:
+        while eps(hi, acc) > target_epsilon:
+            lo, hi = hi, hi * 2
+            if hi > MAX_NOISE_MULTIPLIER:
+                raise BudgetError(
+                    f"target epsilon {target_epsilon:g} at delta {delta:g} cannot be reached with "
+                    f"{steps} steps at sample rate {sample_rate:.4g}"
+                    + (" after the fixed phases" if fixed_phases else "")
+                    + f" by any noise multiplier <= {MAX_NOISE_MULTIPLIER:g}; "
+                    "plan fewer steps or epochs, a smaller sample rate, or a larger epsilon"
+                )
+        while (hi - lo) > rel_tol * hi:
+            mid = 0.5 * (lo + hi)
+            if eps(mid, acc) <= target_epsilon:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    sigma_rdp = search("rdp", 0.0, 1.0)
+    if accountant == "rdp":
+        return sigma_rdp
+    return search(accountant, 0.0, sigma_rdp)
+
+
+class PrivacyTracker:
+    """The composed privacy spend of one data holder (a client, or the central trainer).
+
+    :meth:`check` refuses (``BudgetError``) a phase that would take the holder past the
+    target; :meth:`spend` records a phase that was run.
+    """
+
+    def __init__(self, *, delta: float, accountant: str = "pld", target_epsilon: float | None = None) -> None:
+        self.delta = delta
+        self.accountant = accountant
+        self.target_epsilon = target_epsilon
+        self.phases: list[Phase] = []
+
+    def _merge(self, phase: Phase) -> list[Phase]:
+        """Append, merging with the last phase when the mechanism is identical."""
+        out = list(self.phases)
+        if (
+            out
+            and out[-1].noise_multiplier == phase.noise_multiplier
+            and out[-1].sample_rate == phase.sample_rate
+        ):
+            out[-1] = Phase(phase.noise_multiplier, phase.sample_rate, out[-1].steps + phase.steps)
+        else:
+            out.append(phase)
+        return out
+
+    def epsilon(self, extra: Phase | None = None) -> float:
+        phases = self._merge(extra) if extra is not None else self.phases
+        return compute_epsilon(phases=phases, delta=self.delta, accountant=self.accountant)
+
+    def check(self, phase: Phase, *, slack: float = 1e-9) -> float:
+        """Epsilon after ``phase``; raise BudgetError if it would exceed the target."""
+        eps = self.epsilon(phase)
+        if self.target_epsilon is not None and eps > self.target_epsilon * (1 + slack):
+            raise BudgetError(
+                f"running {phase.steps} more steps (sigma={phase.noise_multiplier:.4g}, "
+                f"q={phase.sample_rate:.4g}) would reach epsilon {eps:.4f} > target "
+                f"{self.target_epsilon:g} (delta {self.delta:g}); stopping before it"
+            )
+        return eps
+
+    def spend(self, phase: Phase) -> None:
+        if phase.steps > 0:
+            self.phases = self._merge(phase)
+
+    @property
+    def steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def to_dict(self) -> dict:
+        return {
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "target_epsilon": self.target_epsilon,
+            "phases": [p.to_dict() for p in self.phases],
+        }

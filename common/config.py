@@ -1,0 +1,352 @@
+"""Run configuration: one frozen, self-validating dataclass for every setting.
+
+The same settings appear as kebab-case keys in ``[tool.flwr.app.config]``
+(``pyproject.toml``) and as ``--kebab-case`` CLI flags; :meth:`TrainConfig.from_mapping`
+accepts either spelling. A bad value raises :class:`~common.errors.ConfigError`
+naming the setting, the value and what is allowed.
+
+The method names follow DESIGN.md §2 ("Baselines live in the same code path").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from common.errors import ConfigError
+
+METHODS = ("nonprivate", "dpsgd", "adaclip", "adadpigu-static", "adadpigu")
+DATASETS = ("mnist", "fashionmnist", "cifar10")
+MODELS = ("auto", "mnist-cnn", "cifar-cnn", "resnet18-gn")
+ACCOUNTANTS = ("pld", "rdp")
+OPTIMIZERS = ("sgd", "adam")
+IMPORTANCE = ("squared", "abs")
+SCALE_RULES = ("optimal", "sqrt")
+MASK_SCOPES = ("global", "per-layer")
+DEVICES = ("auto", "cpu", "cuda")
+PER_SAMPLE_BACKENDS = ("hooks", "functorch")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "size-skew")
+
+DEFAULT_DATA_DIR_ENV = "ADADPIGU_DATA_DIR"
+
+
+def default_data_dir() -> str:
+    """The data directory: ``$ADADPIGU_DATA_DIR`` or ``./data``."""
+    return os.environ.get(DEFAULT_DATA_DIR_ENV, "data")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, value, "allowed: " + ", ".join(allowed))
+
+
+def _number(
+    name: str,
+    value: object,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+) -> None:
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(float(value)):  # type: ignore[arg-type]
+        raise ConfigError(name, value, f"must be {kind}")
+    v = float(value)  # type: ignore[arg-type]
+    bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+    bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+    if bad_lo or bad_hi:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        raise ConfigError(name, value, f"must be {kind} in {left}{lo_s}, {hi_s}{right}")
+
+
+def parse_schedule(text: str) -> tuple[str, tuple[float, ...]]:
+    """Parse an unfreezing schedule.
+
+    ``"linear"``: r grows linearly from ``r0`` to ``r-max`` over the training phase.
+    ``"none"``: r stays at ``r0`` (the static mask).
+    ``"steps:0.6,0.8,1.0"``: explicit ratios, one per training epoch (federated: per
+    round); the last value is held after the list ends.
+    """
+    text = text.strip()
+    if text in ("linear", "none"):
+        return text, ()
+    if text.startswith("steps:"):
+        try:
+            values = tuple(float(v) for v in text[len("steps:") :].split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(
+                "schedule", text, "steps must be comma-separated numbers, e.g. steps:0.6,0.8,1.0"
+            ) from None
+        if not values:
+            raise ConfigError("schedule", text, "steps: needs at least one ratio")
+        if any(not (0.0 < v <= 1.0) for v in values):
+            raise ConfigError("schedule", text, "every ratio must be in (0, 1]")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ConfigError("schedule", text, "ratios must not decrease (nothing is re-frozen)")
+        return "steps", values
+    raise ConfigError("schedule", text, "allowed: linear, none, steps:r1,r2,...")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run (centralized or one federated client's local training).
+
+    Privacy settings follow DESIGN.md §1: a target ``(epsilon, delta)`` from which the
+    noise multiplier is calibrated over the whole planned schedule, unless
+    ``noise_multiplier`` is given explicitly.
+    """
+
+    method: str = "adadpigu"
+    dataset: str = "mnist"
+    model: str = "auto"
+    # privacy
+    epsilon: float | None = 8.0
+    delta: float = 1e-5
+    accountant: str = "pld"
+    noise_multiplier: float | None = None
+    pretrain_noise_multiplier: float | None = None
+    # sampling: expected batch size (q = batch_size / n) unless sample_rate is given
+    batch_size: int = 512
+    sample_rate: float | None = None
+    # clipping: flat L2 clip (dpsgd, pre-training) and clip of standardized rows (phase 2)
+    clip_norm: float = 0.1
+    adaptive_clip_norm: float = 1.0
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 0.5
+    momentum: float = 0.9
+    epochs: int = 40
+    # AdaDPIGU
+    pretrain_fraction: float = 0.1
+    r0: float = 0.6
+    r_max: float = 1.0
+    schedule: str = "linear"
+    mask_scope: str = "global"
+    importance: str = "squared"
+    # AdaCliP statistics
+    beta1: float = 0.99
+    beta2: float = 0.9
+    h1: float = 1e-10
+    h2: float = 1e2
+    scale_rule: str = "optimal"
+    # data
+    data_dir: str = field(default_factory=default_data_dir)
+    validation_fraction: float = 0.1
+    train_subset: int = 0
+    test_subset: int = 0
+    # federated data split (used by the Flower apps)
+    partitioner: str = "iid"
+    alpha: float = 0.5
+    classes_per_silo: int = 2
+    min_silo_size: int = 10
+    # execution
+    seed: int = -1
+    device: str = "auto"
+    per_sample_backend: str = "hooks"
+    max_physical_batch: int = 1024
+    out_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("model", self.model, MODELS)
+        _choice("accountant", self.accountant, ACCOUNTANTS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("importance", self.importance, IMPORTANCE)
+        _choice("scale-rule", self.scale_rule, SCALE_RULES)
+        _choice("mask-scope", self.mask_scope, MASK_SCOPES)
+        _choice("device", self.device, DEVICES)
+        _choice("per-sample-backend", self.per_sample_backend, PER_SAMPLE_BACKENDS)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        if self.private:
+            if self.epsilon is None and self.noise_multiplier is None:
+                raise ConfigError("epsilon", self.epsilon, "a private method needs a target epsilon > 0")
+            if self.epsilon is not None:
+                _number("epsilon", self.epsilon, lo=0.0, lo_open=True, hi=1e4)
+        _number("delta", self.delta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        if self.noise_multiplier is not None:
+            _number("noise-multiplier", self.noise_multiplier, lo=0.0, lo_open=True, hi=1e9)
+        if self.pretrain_noise_multiplier is not None:
+            _number(
+                "pretrain-noise-multiplier",
+                self.pretrain_noise_multiplier,
+                lo=0.0,
+                lo_open=True,
+                hi=1e9,
+            )
+        _number("batch-size", self.batch_size, lo=1, integer=True)
+        if self.sample_rate is not None:
+            _number("sample-rate", self.sample_rate, lo=0.0, hi=1.0, lo_open=True)
+        _number("clip-norm", self.clip_norm, lo=0.0, lo_open=True)
+        _number("adaptive-clip-norm", self.adaptive_clip_norm, lo=0.0, lo_open=True)
+        _number("lr", self.lr, lo=0.0, lo_open=True)
+        _number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        _number("epochs", self.epochs, lo=1, integer=True)
+        _number("pretrain-fraction", self.pretrain_fraction, lo=0.0, hi=1.0, hi_open=True)
+        _number("r0", self.r0, lo=0.0, hi=1.0, lo_open=True)
+        _number("r-max", self.r_max, lo=0.0, hi=1.0, lo_open=True)
+        if self.r_max < self.r0:
+            raise ConfigError("r-max", self.r_max, f"must be >= r0 ({self.r0})")
+        parse_schedule(self.schedule)
+        _number("beta1", self.beta1, lo=0.0, hi=1.0, hi_open=True)
+        _number("beta2", self.beta2, lo=0.0, hi=1.0, hi_open=True)
+        _number("h1", self.h1, lo=0.0, lo_open=True)
+        _number("h2", self.h2, lo=0.0, lo_open=True)
+        if self.h2 <= self.h1:
+            raise ConfigError("h2", self.h2, f"must be > h1 ({self.h1:g})")
+        _number("validation-fraction", self.validation_fraction, lo=0.0, hi=0.9)
+        _number("train-subset", self.train_subset, lo=0, integer=True)
+        _number("test-subset", self.test_subset, lo=0, integer=True)
+        _number("alpha", self.alpha, lo=0.0, lo_open=True)
+        _number("classes-per-silo", self.classes_per_silo, lo=1, integer=True)
+        _number("min-silo-size", self.min_silo_size, lo=1, integer=True)
+        _number("seed", self.seed, lo=-1, integer=True)
+        _number("max-physical-batch", self.max_physical_batch, lo=1, integer=True)
+        if not isinstance(self.data_dir, str) or not self.data_dir:
+            raise ConfigError("data-dir", self.data_dir, "must be a non-empty path")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ConfigError("out-dir", self.out_dir, "must be a non-empty path")
+        if self.method in ("adadpigu", "adadpigu-static", "adaclip") and self.pretrain_fraction <= 0:
+            raise ConfigError(
+                "pretrain-fraction",
+                self.pretrain_fraction,
+                f"method {self.method} needs a pre-training phase (> 0) for its "
+                "importance scores and clipping statistics",
+            )
+
+    # ----- derived properties -------------------------------------------------
+    @property
+    def private(self) -> bool:
+        return self.method != "nonprivate"
+
+    @property
+    def uses_mask(self) -> bool:
+        return self.method in ("adadpigu", "adadpigu-static")
+
+    @property
+    def uses_adaptive_clip(self) -> bool:
+        return self.method in ("adaclip", "adadpigu", "adadpigu-static")
+
+    @property
+    def seeded(self) -> bool:
+        return self.seed >= 0
+
+    def resolved_model(self) -> str:
+        if self.model != "auto":
+            return self.model
+        return "cifar-cnn" if self.dataset == "cifar10" else "mnist-cnn"
+
+    def resolved_sample_rate(self, n_train: int) -> float:
+        """q: the Poisson sampling rate for a training set of ``n_train`` examples."""
+        if n_train <= 0:
+            raise ConfigError("dataset", n_train, "the training set is empty")
+        if self.sample_rate is not None:
+            return float(self.sample_rate)
+        if self.batch_size > n_train:
+            raise ConfigError(
+                "batch-size",
+                self.batch_size,
+                f"must not exceed the number of training examples ({n_train})",
+            )
+        return self.batch_size / n_train
+
+    def ratio_schedule(self) -> tuple[str, tuple[float, ...]]:
+        if self.method == "adadpigu-static":
+            return "none", ()
+        return parse_schedule(self.schedule)
+
+    # ----- (de)serialisation ----------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, strict: bool = True) -> TrainConfig:
+        """Build from a mapping with kebab-case or snake_case keys.
+
+        Unknown keys raise :class:`ConfigError` when ``strict``; otherwise they are
+        ignored (the Flower run config also holds federated-only keys).
+        Empty strings and "none" mean ``None`` for optional numbers.
+        """
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                if strict:
+                    raise ConfigError(raw_key, value, "unknown setting")
+                continue
+            kwargs[key] = _coerce(raw_key, known[key], value)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping, round-trips through :meth:`from_mapping`."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def digest(self, *, exclude: tuple[str, ...] = ("out-dir", "data-dir", "device")) -> str:
+        """A short hash of the settings that change results (for run names and resume)."""
+        items = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        blob = json.dumps(items, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+
+_OPTIONAL_FLOAT = {"epsilon", "noise_multiplier", "pretrain_noise_multiplier", "sample_rate"}
+
+
+def _coerce(raw_key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Coerce strings from the CLI / run config into the field's type."""
+    name = f.name
+    if name in _OPTIONAL_FLOAT:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # Flower run configs cannot hold None: 0 means "not set" for these keys.
+            return None if value == 0 and name != "epsilon" else float(value)
+        return _to_float(raw_key, value)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(raw_key, value, "must be true or false")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise ConfigError(raw_key, value, "must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(raw_key, value, "must be an integer") from None
+        raise ConfigError(raw_key, value, "must be an integer")
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ConfigError(raw_key, value, "must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        return _to_float(raw_key, value)
+    if isinstance(value, str):
+        return value
+    raise ConfigError(raw_key, value, "must be a string")
+
+
+def _to_float(raw_key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(raw_key, value, "must be a number") from None

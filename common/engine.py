@@ -1,0 +1,249 @@
+"""The local DP training step shared by all five methods (DESIGN.md §2).
+
+``DPEngine.step`` runs one Poisson-sampled step in one of three modes:
+
+- ``nonprivate``: the ordinary mean gradient (baseline; no privacy).
+- ``flat``: DP-SGD (Abadi et al. 2016): flat L2 clip ``clip_norm``, noise
+  ``sigma * clip_norm``. Used by ``dpsgd`` throughout and by every other private method
+  for its pre-training phase, which also feeds the importance scores and the AdaCliP
+  statistics (from released gradients only).
+- ``adaptive``: AdaDPIGU Phase 2: standardize with the AdaCliP statistics on the active
+  coordinates, clip to ``adaptive_clip_norm``, noise, restore; frozen coordinates get
+  neither noise nor update.
+
+The federated client and the centralized trainer both drive this class.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.adaclip import AdaClipStatistics
+from common.config import TrainConfig
+from common.data import TensorData
+from common.masks import ImportanceAccumulator
+from common.per_sample import make_grad_sampler
+from common.privacy import ReleasedGradient, SegmentAccumulator, release_nonprivate
+
+MODES = ("nonprivate", "flat", "adaptive")
+
+
+def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A 63-bit seed for (seed, *keys); fresh OS entropy (``secrets``) when seed < 0."""
+    if seed < 0:
+        return secrets.randbits(63)
+    import hashlib
+
+    blob = repr((seed, *keys)).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def make_generator(seed: int, *keys: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator per (seed, client, round, purpose); OS-seeded unless ``seed >= 0``.
+
+    Note: torch generators are Mersenne Twister / Philox, not a CSPRNG.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, *keys))
+    return gen
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from common.errors import ConfigError
+
+        raise ConfigError("device", name, "CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def poisson_sample(
+    n: int, q: float, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Indices of a Poisson batch: each of ``n`` examples joins with probability ``q``."""
+    return torch.nonzero(torch.rand(n, generator=generator, device=device) < q).flatten()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 2048) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    if len(data) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        x = data.x[i : i + batch_size].to(device)
+        y = data.y[i : i + batch_size].to(device)
+        out = model(x)
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    model.train(was_training)
+    return loss_sum / len(data), correct / len(data)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    batch_size: int
+    clipped: int
+
+
+class DPEngine:
+    """Holds the model, optimizer, importance and statistics of one data holder."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        n_train: int,
+        device: torch.device,
+        noise_generator: torch.Generator,
+        sampling_generator: torch.Generator,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.model = model.to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sizes = [p.numel() for p in self.params]
+        self.d = sum(self.sizes)
+        self.n_train = n_train
+        self.q = cfg.resolved_sample_rate(n_train)
+        self.expected_batch_size = self.q * n_train
+        self.noise_generator = noise_generator
+        self.sampling_generator = sampling_generator
+        self.sampler = make_grad_sampler(self.model, cfg.per_sample_backend) if cfg.private else None
+        self.importance = (
+            ImportanceAccumulator(self.d, cfg.importance, device=device) if cfg.uses_mask else None
+        )
+        self.stats = (
+            AdaClipStatistics(
+                self.d,
+                beta1=cfg.beta1,
+                beta2=cfg.beta2,
+                h1=cfg.h1,
+                h2=cfg.h2,
+                scale_rule=cfg.scale_rule,
+                device=device,
+            )
+            if cfg.uses_adaptive_clip
+            else None
+        )
+        self.mask: torch.Tensor | None = None
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "adam":
+            return torch.optim.Adam(self.params, lr=self.cfg.lr)
+        return torch.optim.SGD(self.params, lr=self.cfg.lr, momentum=self.cfg.momentum)
+
+    def reset_optimizer(self) -> None:
+        self.optimizer = self._make_optimizer()
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Activate ``mask`` and clear optimizer state of frozen coordinates, so that a
+        frozen coordinate (zero released gradient) does not move through momentum."""
+        self.mask = None if mask is None else mask.to(self.device)
+        if self.mask is None:
+            return
+        for p, m in zip(self.params, torch.split(self.mask, self.sizes)):
+            for value in self.optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.mul_(m.view_as(p))
+
+    @property
+    def active_ratio(self) -> float:
+        return 1.0 if self.mask is None else float(self.mask.float().mean())
+
+    # ----- one step -------------------------------------------------------------
+    def sample_batch(self, data: TensorData) -> torch.Tensor:
+        return poisson_sample(len(data), self.q, self.sampling_generator, device=data.x.device)
+
+    def step(
+        self, data: TensorData, *, mode: str, noise_multiplier: float = 0.0, update_importance: bool = False
+    ) -> StepResult:
+        """Sample a Poisson batch from ``data`` and take one step in ``mode``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode '{mode}' ({', '.join(MODES)})")
+        idx = self.sample_batch(data)
+        if mode == "nonprivate":
+            released, loss = self._nonprivate_gradient(data, idx)
+            clipped = 0
+        else:
+            released, loss, clipped = self._private_release(data, idx, mode, noise_multiplier)
+            if update_importance and self.importance is not None:
+                self.importance.update_from_released(released)
+            if self.stats is not None:
+                self.stats.update_from_released(released)
+        self._apply(released)
+        return StepResult(loss=loss, batch_size=int(idx.numel()), clipped=clipped)
+
+    def _nonprivate_gradient(self, data: TensorData, idx: torch.Tensor) -> tuple[ReleasedGradient, float]:
+        grads = [torch.zeros(n, device=self.device) for n in self.sizes]
+        loss_sum = 0.0
+        b = int(idx.numel())
+        for start in range(0, b, self.cfg.max_physical_batch):
+            chunk = idx[start : start + self.cfg.max_physical_batch]
+            x, y = data.x[chunk].to(self.device), data.y[chunk].to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = per_example_loss(self.model(x), y).sum() / b
+            loss.backward()
+            loss_sum += float(loss.detach()) * b
+            for k, p in enumerate(self.params):
+                if p.grad is not None:
+                    grads[k] += p.grad.reshape(-1)
+        self.optimizer.zero_grad(set_to_none=True)
+        return release_nonprivate(torch.cat(grads)), loss_sum / max(b, 1)
+
+    def _private_release(
+        self, data: TensorData, idx: torch.Tensor, mode: str, noise_multiplier: float
+    ) -> tuple[ReleasedGradient, float, int]:
+        cfg = self.cfg
+        if mode == "adaptive":
+            if self.stats is None:
+                raise RuntimeError(f"method {cfg.method} has no adaptive clipping statistics")
+            base = cfg.clip_norm / cfg.adaptive_clip_norm
+            acc = SegmentAccumulator(
+                self.sizes,
+                clip_norm=cfg.adaptive_clip_norm,
+                mask=self.mask,
+                center=self.stats.center(),
+                scale=self.stats.scale(self.mask, base),
+                device=self.device,
+            )
+        else:
+            acc = SegmentAccumulator(self.sizes, clip_norm=cfg.clip_norm, mask=self.mask, device=self.device)
+        loss_sum = 0.0
+        assert self.sampler is not None
+        for start in range(0, int(idx.numel()), cfg.max_physical_batch):
+            chunk = idx[start : start + cfg.max_physical_batch]
+            x, y = data.x[chunk].to(self.device), data.y[chunk].to(self.device)
+            grads, mean_loss = self.sampler(per_example_loss, x, y)
+            acc.add(grads)
+            loss_sum += mean_loss * int(chunk.numel())
+        released = acc.release(
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=self.expected_batch_size,
+            generator=self.noise_generator,
+        )
+        return released, loss_sum / max(int(idx.numel()), 1), acc.clipped
+
+    @torch.no_grad()
+    def _apply(self, released: ReleasedGradient) -> None:
+        for p, g in zip(self.params, torch.split(released.values, self.sizes)):
+            p.grad = g.view_as(p).to(p.dtype)
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None

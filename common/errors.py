@@ -1,0 +1,33 @@
+"""Exceptions for problems a user can fix (bad config, missing data, budget).
+
+The CLI turns every :class:`UserError` into one line on stderr and a non-zero
+exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input that they can fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names setting, value and what is allowed."""
+
+    def __init__(self, setting: str, value: object, allowed: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid setting '{setting}' = {value!r}: {allowed}")
+
+
+class DataError(UserError):
+    """Data files are missing, corrupt or do not fit the requested split."""
+
+
+class BudgetError(UserError):
+    """The requested privacy budget cannot be met, or a step would exceed it."""
+
+
+class ModelError(UserError):
+    """The model is unsuitable for per-sample DP (e.g. it contains BatchNorm)."""

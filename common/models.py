@@ -1,0 +1,146 @@
+"""Models: the paper's CNNs and a GroupNorm ResNet-18, all free of BatchNorm.
+
+- ``mnist-cnn``: the 26,010-parameter CNN of Papernot et al. (2021) / Tramèr & Boneh
+  (2021), tanh activations, used by AdaDPIGU for MNIST and FashionMNIST.
+- ``cifar-cnn``: the 550,570-parameter 3x3 CNN (Tramèr & Boneh 2021, Table 9).
+- ``resnet18-gn``: torchvision's ResNet-18 with GroupNorm in place of BatchNorm, for the
+  paper's open question on larger models.
+
+BatchNorm mixes the examples of a batch, so one example influences every other
+example's gradient and per-sample clipping no longer bounds sensitivity
+(DESIGN.md §2): :func:`check_dp_compatible` refuses such models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.errors import ModelError
+
+INPUT_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+NUM_CLASSES = 10
+
+
+def mnist_cnn() -> nn.Module:
+    """The 26,010-parameter MNIST CNN (Papernot et al. 2021, Tramèr & Boneh 2021)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 8, stride=2, padding=3),
+        nn.Tanh(),
+        nn.MaxPool2d(2, 1),
+        nn.Conv2d(16, 32, 4, stride=2),
+        nn.Tanh(),
+        nn.MaxPool2d(2, 1),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 32),
+        nn.Tanh(),
+        nn.Linear(32, NUM_CLASSES),
+    )
+
+
+def cifar_cnn() -> nn.Module:
+    """The 550,570-parameter CIFAR-10 CNN (Tramèr & Boneh 2021, Table 9), tanh."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out in (32, 64, 128):
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 2),
+        ]
+        c_in = c_out
+    layers += [nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.Tanh(), nn.Linear(128, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
+def resnet18_gn(in_channels: int = 3) -> nn.Module:
+    """torchvision ResNet-18 with GroupNorm (32 groups, or fewer for narrow layers).
+
+    The residual addition is out-of-place (torchvision's ``out += identity`` and in-place
+    ReLU clash with per-sample gradient hooks); the architecture is unchanged.
+    """
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class Block(BasicBlock):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return self.relu(out + identity)
+
+    def group_norm(channels: int) -> nn.Module:
+        return nn.GroupNorm(min(32, channels), channels)
+
+    model = ResNet(Block, [2, 2, 2, 2], num_classes=NUM_CLASSES, norm_layer=group_norm)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return model
+
+
+def build_model(name: str, dataset: str) -> nn.Module:
+    """Build model ``name`` for ``dataset`` and check that it is DP-compatible."""
+    if dataset not in INPUT_SHAPES:
+        raise ModelError(f"unknown dataset '{dataset}' (known: {', '.join(INPUT_SHAPES)})")
+    in_channels = INPUT_SHAPES[dataset][0]
+    if name == "mnist-cnn":
+        if INPUT_SHAPES[dataset] != (1, 28, 28):
+            raise ModelError(
+                f"model 'mnist-cnn' needs 1x28x28 inputs; dataset '{dataset}' has "
+                f"{'x'.join(map(str, INPUT_SHAPES[dataset]))}"
+            )
+        model = mnist_cnn()
+    elif name == "cifar-cnn":
+        if INPUT_SHAPES[dataset] != (3, 32, 32):
+            raise ModelError(
+                f"model 'cifar-cnn' needs 3x32x32 inputs; dataset '{dataset}' has "
+                f"{'x'.join(map(str, INPUT_SHAPES[dataset]))}"
+            )
+        model = cifar_cnn()
+    elif name == "resnet18-gn":
+        model = resnet18_gn(in_channels)
+    else:
+        raise ModelError(f"unknown model '{name}' (known: mnist-cnn, cifar-cnn, resnet18-gn)")
+    check_dp_compatible(model)
+    return model
+
+
+_BATCH_MIXING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """Raise :class:`ModelError` if a layer mixes examples of a batch (BatchNorm)."""
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCH_MIXING) or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ModelError(
+                f"layer '{name or type(module).__name__}' is {type(module).__name__}: BatchNorm "
+                "mixes examples, so per-sample clipping does not bound sensitivity; use "
+                "GroupNorm or LayerNorm instead"
+            )
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """All trainable parameters as one new flat float tensor (named_parameters order)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector (named_parameters order) into the model's parameters."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            n = p.numel()
+            p.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, model has {offset}")

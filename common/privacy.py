@@ -1,0 +1,291 @@
+"""The Gaussian mechanism of DP-SGD / AdaDPIGU as named stages.
+
+Implements DESIGN.md §2, Phase 2 steps 1-4 (which reduce to plain DP-SGD, Abadi et al.
+2016, when there is no mask, ``center = 0`` and ``scale = 1``):
+
+1. :func:`standardize`   Z = (G - a) / b on the active coordinates, 0 elsewhere
+2. :func:`clip_factors`  per-row factor min(1, C / ||Z_i||)  (sensitivity C)
+3. :func:`clipped_sum`   sum_i factor_i Z_i  (fused: clipped rows are never stored)
+4. :func:`add_noise`     + N(0, (sigma C)^2) on active coordinates only
+5. :func:`restore`       g_hat = b * (noisy sum / (q n)) + a, exactly 0 when frozen
+
+The stages work on *segments*: a list of 2-D views ``[B, n_k]`` (one per parameter
+tensor) with matching 1-D ``mask``/``center``/``scale`` segments, so the trainer never
+concatenates the ``[B, d]`` matrix. :func:`privatize_step` is the documented
+single-matrix entry point.
+
+Everything that leaves this module as a gradient estimate is a
+:class:`ReleasedGradient`, created only here, after noise. Importance scores and
+clipping statistics (``common.masks``, ``common.adaclip``) accept nothing else, so
+they cannot be computed from un-noised per-sample gradients (the leak of the published
+AdaDPIGU code, DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+Segments = Sequence[torch.Tensor]
+OptSegments = Sequence[torch.Tensor] | None
+
+_RELEASE_TOKEN = object()
+
+
+@dataclass(frozen=True, eq=False)
+class ReleasedGradient:
+    """Output of the Gaussian mechanism: safe to publish, store or aggregate.
+
+    ``values`` is the released estimate ``g_hat`` (flat, ``[d]``, 0 on frozen
+    coordinates); ``noise_std`` is the public per-coordinate standard deviation of the
+    noise in ``values`` (``[d]``, 0 on frozen coordinates); ``mask`` the active
+    coordinates (None = all).
+    """
+
+    values: torch.Tensor
+    noise_std: torch.Tensor
+    mask: torch.Tensor | None
+    _token: object = None
+
+    def __post_init__(self) -> None:
+        if self._token is not _RELEASE_TOKEN:
+            raise TypeError(
+                "ReleasedGradient is created only by common.privacy after noise is added; "
+                "raw gradients cannot be turned into released ones"
+            )
+
+
+def _segments_of(flat: torch.Tensor | None, sizes: Sequence[int]) -> list[torch.Tensor] | None:
+    if flat is None:
+        return None
+    return list(torch.split(flat, list(sizes)))
+
+
+def standardize(
+    grads: Segments, *, mask: OptSegments = None, center: OptSegments = None, scale: OptSegments = None
+) -> list[torch.Tensor]:
+    """Stage 1: ``Z = (G - a) / b`` on active coordinates, exactly 0 on frozen ones.
+
+    With no mask, center or scale the inputs are returned as they are (no copy).
+    One fused pass per segment: ``Z = G * w - a * w`` with ``w = mask / b``.
+    """
+    if mask is None and center is None and scale is None:
+        return list(grads)
+    out = []
+    for k, g in enumerate(grads):
+        w = torch.ones_like(g[0]) if scale is None else scale[k].reciprocal()
+        if mask is not None:
+            w = torch.where(mask[k], w, torch.zeros_like(w))
+        if center is None:
+            out.append(g * w)
+        else:
+            out.append(torch.addcmul(-(center[k] * w), g, w))
+    return out
+
+
+def row_norms(parts: Segments) -> torch.Tensor:
+    """L2 norm of each row across all segments: ``[B]``."""
+    sq = None
+    for p in parts:
+        s = torch.linalg.vector_norm(p, dim=1).square() if p.ndim == 2 else p.square()
+        sq = s if sq is None else sq + s
+    if sq is None:
+        raise ValueError("no gradient segments")
+    return sq.sqrt()
+
+
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Stage 2: per-row factors ``min(1, C / ||row||)`` so every scaled row has norm <= C."""
+    return (clip_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+
+
+def clipped_sum(parts: Segments, factors: torch.Tensor) -> list[torch.Tensor]:
+    """Stage 3: ``sum_i factor_i * row_i`` per segment (one matrix-vector product each)."""
+    return [factors @ p for p in parts]
+
+
+def add_noise(
+    totals: Segments,
+    *,
+    std: float,
+    mask: OptSegments = None,
+    generator: torch.Generator | None,
+) -> list[torch.Tensor]:
+    """Stage 4: add N(0, std^2) to active coordinates; frozen coordinates get none.
+
+    ``generator`` is the only source of randomness (Opacus' convention): the same
+    seed gives the same noise.
+    """
+    out = []
+    for k, t in enumerate(totals):
+        if std == 0.0:
+            noisy = t.clone()
+        else:
+            noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+            noisy = t + std * noise
+        if mask is not None:
+            noisy = torch.where(mask[k], noisy, torch.zeros_like(noisy))
+        out.append(noisy)
+    return out
+
+
+def restore(
+    noisy: Segments,
+    *,
+    expected_batch_size: float,
+    mask: OptSegments = None,
+    center: OptSegments = None,
+    scale: OptSegments = None,
+) -> list[torch.Tensor]:
+    """Stage 5: ``g_hat = b * (noisy / (q n)) + a``; exactly 0 on frozen coordinates."""
+    out = []
+    for k, t in enumerate(noisy):
+        w = t / expected_batch_size
+        if scale is not None:
+            w = w * scale[k]
+        if center is not None:
+            w = w + center[k]
+        if mask is not None:
+            w = torch.where(mask[k], w, torch.zeros_like(w))
+        out.append(w)
+    return out
+
+
+def noise_std_of_release(
+    *,
+    sizes: Sequence[int],
+    noise_multiplier: float,
+    clip_norm: float,
+    expected_batch_size: float,
+    mask: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Public std of the noise in each coordinate of ``g_hat``: ``b_j sigma C / (q n)``."""
+    d = int(sum(sizes))
+    std = torch.full((d,), noise_multiplier * clip_norm / expected_batch_size, device=device)
+    if scale is not None:
+        std = std * scale
+    if mask is not None:
+        std = torch.where(mask, std, torch.zeros_like(std))
+    return std
+
+
+class SegmentAccumulator:
+    """Accumulates standardized, clipped per-sample rows over physical chunks.
+
+    Memory-bounded ("virtual steps"): a Poisson batch is processed in chunks, each
+    contributing ``sum_i clip(Z_i)``; noise is added once per logical step by
+    :meth:`release`.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        *,
+        clip_norm: float,
+        mask: torch.Tensor | None = None,
+        center: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.sizes = list(sizes)
+        self.clip_norm = float(clip_norm)
+        self.mask_flat, self.center_flat, self.scale_flat = mask, center, scale
+        self.mask = _segments_of(mask, self.sizes)
+        self.center = _segments_of(center, self.sizes)
+        self.scale = _segments_of(scale, self.sizes)
+        self.totals = [torch.zeros(n, device=device) for n in self.sizes]
+        self.count = 0
+        self.clipped = 0
+
+    def add(self, grads: Segments) -> None:
+        """Add a chunk of per-sample gradients, one ``[b, n_k]`` view per segment."""
+        if not grads or grads[0].shape[0] == 0:
+            return
+        z = standardize(grads, mask=self.mask, center=self.center, scale=self.scale)
+        norms = row_norms(z)
+        factors = clip_factors(norms, self.clip_norm)
+        for k, part in enumerate(clipped_sum(z, factors)):
+            self.totals[k] += part
+        self.count += int(norms.shape[0])
+        self.clipped += int((norms > self.clip_norm).sum())
+
+    def release(
+        self, *, noise_multiplier: float, expected_batch_size: float, generator: torch.Generator | None
+    ) -> ReleasedGradient:
+        """Add noise once for the whole logical batch and restore: the released ``g_hat``."""
+        if expected_batch_size <= 0:
+            raise ValueError("expected_batch_size must be > 0")
+        noisy = add_noise(
+            self.totals, std=noise_multiplier * self.clip_norm, mask=self.mask, generator=generator
+        )
+        restored = restore(
+            noisy,
+            expected_batch_size=expected_batch_size,
+            mask=self.mask,
+            center=self.center,
+            scale=self.scale,
+        )
+        values = torch.cat(restored) if len(restored) > 1 else restored[0]
+        std = noise_std_of_release(
+            sizes=self.sizes,
+            noise_multiplier=noise_multiplier,
+            clip_norm=self.clip_norm,
+            expected_batch_size=expected_batch_size,
+            mask=self.mask_flat,
+            scale=self.scale_flat,
+            device=values.device,
+        )
+        return ReleasedGradient(values, std, self.mask_flat, _RELEASE_TOKEN)
+
+
+def privatize_step(
+    grads: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    center: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One DP release of a batch of per-sample gradients ``grads`` (``[B, d]``).
+
+    Rows are standardized on the active coordinates (``(g - center) / scale``), each
+    clipped to L2 norm <= ``clip_norm``, summed; Gaussian noise of std
+    ``noise_multiplier * clip_norm`` is added on active coordinates only; the sum is
+    divided by ``expected_batch_size`` (q n, not the realised batch size: Poisson
+    sampling) and restored (``scale * w + center``). Inactive coordinates are exactly 0.
+
+    ``mask``: bool ``[d]`` or None (all active); ``center``/``scale``: ``[d]`` or None
+    (0 and 1). Returns the released gradient estimate ``[d]``.
+
+    >>> g = torch.ones(4, 3)
+    >>> out = privatize_step(g, mask=None, center=None, scale=None, clip_norm=10.0,
+    ...                      noise_multiplier=0.0, expected_batch_size=4, generator=None)
+    >>> out.tolist()
+    [1.0, 1.0, 1.0]
+    """
+    if grads.ndim != 2:
+        raise ValueError(f"grads must be [B, d], got shape {tuple(grads.shape)}")
+    d = grads.shape[1]
+    acc = SegmentAccumulator(
+        [d], clip_norm=clip_norm, mask=mask, center=center, scale=scale, device=grads.device
+    )
+    acc.add([grads])
+    released = acc.release(
+        noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator
+    )
+    return released.values
+
+
+def release_nonprivate(values: torch.Tensor) -> ReleasedGradient:
+    """Wrap a non-private gradient (method ``nonprivate``) so the same code path runs.
+
+    Only for the ``nonprivate`` baseline, which promises no privacy at all.
+    """
+    return ReleasedGradient(values, torch.zeros_like(values), None, _RELEASE_TOKEN)

@@ -1,0 +1,306 @@
+"""Centralized AdaDPIGU training: plan, calibrate, train, select on validation, report.
+
+Phases (DESIGN.md §2): ``T_pre`` steps of flat DP-SGD (importance and statistics from
+released gradients), then the training phase whose mode depends on the method
+(``dpsgd``: flat; ``adaclip``: adaptive, r = 1; ``adadpigu-static``: adaptive on a
+fixed mask at r0; ``adadpigu``: adaptive with progressive unfreezing, one schedule
+stage per epoch). The noise multiplier is calibrated over the whole plan *before*
+training; before each epoch the tracker checks that the epoch stays within the target.
+
+Model selection uses the validation split; the test set is evaluated for reporting
+(every epoch, never used for a decision) and at the end for the best-validation model.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from common.accounting import Phase, PrivacyTracker, calibrate_noise, compute_epsilon
+from common.config import TrainConfig
+from common.data import load_splits
+from common.engine import DPEngine, evaluate, make_generator, resolve_device
+from common.errors import BudgetError
+from common.masks import MaskBuilder, UnfreezeSchedule
+from common.models import build_model, num_parameters
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a run's privacy schedule, fixed before training starts."""
+
+    n_train: int
+    sample_rate: float
+    expected_batch_size: float
+    steps_per_epoch: int
+    total_steps: int
+    pretrain_steps: int
+    noise_multiplier: float
+    pretrain_noise_multiplier: float
+    planned_epsilon: float
+
+    @property
+    def train_steps(self) -> int:
+        return self.total_steps - self.pretrain_steps
+
+    def phases(self) -> list[Phase]:
+        if self.noise_multiplier <= 0:
+            return []
+        return [
+            Phase(self.pretrain_noise_multiplier, self.sample_rate, self.pretrain_steps),
+            Phase(self.noise_multiplier, self.sample_rate, self.train_steps),
+        ]
+
+
+def pretrain_steps_for(cfg: TrainConfig, total_steps: int) -> int:
+    if cfg.method in ("nonprivate", "dpsgd"):
+        return 0
+    steps = int(round(cfg.pretrain_fraction * total_steps))
+    return min(max(steps, 1), total_steps - 1) if total_steps > 1 else 0
+
+
+def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
+    """Sampling rate, steps and calibrated noise for a training set of ``n_train``."""
+    q = cfg.resolved_sample_rate(n_train)
+    steps_per_epoch = max(1, int(round(1.0 / q)))
+    total = steps_per_epoch * cfg.epochs
+    t_pre = pretrain_steps_for(cfg, total)
+    if not cfg.private:
+        return Plan(n_train, q, q * n_train, steps_per_epoch, total, 0, 0.0, 0.0, math.inf)
+    sigma_pre = cfg.pretrain_noise_multiplier
+    if cfg.noise_multiplier is not None:
+        sigma = cfg.noise_multiplier
+        sigma_pre = sigma_pre or sigma
+    elif sigma_pre is not None:
+        sigma = calibrate_noise(
+            cfg.epsilon,
+            cfg.delta,
+            q,
+            total - t_pre,
+            accountant=cfg.accountant,
+            fixed_phases=[Phase(sigma_pre, q, t_pre)],
+        )
+    else:
+        sigma = calibrate_noise(cfg.epsilon, cfg.delta, q, total, accountant=cfg.accountant)
+        sigma_pre = sigma
+    phases = [Phase(sigma_pre, q, t_pre), Phase(sigma, q, total - t_pre)]
+    eps = compute_epsilon(phases=phases, delta=cfg.delta, accountant=cfg.accountant)
+    if cfg.epsilon is not None and eps > cfg.epsilon * (1 + 1e-9):
+        raise BudgetError(
+            f"the plan ({cfg.epochs} epochs, {total} steps, q={q:.4g}, sigma={sigma:g}) spends "
+            f"epsilon {eps:.4f} > target {cfg.epsilon:g}: raise the noise multiplier or leave it "
+            "unset to calibrate it"
+        )
+    return Plan(n_train, q, q * n_train, steps_per_epoch, total, t_pre, sigma, sigma_pre, eps)
+
+
+def run_dir_name(cfg: TrainConfig, prefix: str = "central") -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    eps = (
+        "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
+    )
+    return f"{stamp}-{prefix}-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}"
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def reproduce_command(cfg: TrainConfig, subcommand: str = "train") -> str:
+    defaults = TrainConfig().to_dict()
+    args = []
+    for k, v in cfg.to_dict().items():
+        if k in ("data-dir", "out-dir") or v == defaults.get(k):
+            continue
+        args.append(f"--{k} {'none' if v is None else v}")
+    return f"adadpigu {subcommand} " + " ".join(args)
+
+
+def train_centralized(
+    cfg: TrainConfig, *, log: Callable[[str], None] = print, command: str | None = None
+) -> dict:
+    """Run centralized training; returns the summary (also written to the run folder)."""
+    if cfg.seeded:
+        warnings.warn(
+            f"seed={cfg.seed}: noise and sampling are reproducible; use a fixed seed only for "
+            "experiments, never for a real release",
+            stacklevel=2,
+        )
+    device = resolve_device(cfg.device)
+    splits = load_splits(
+        cfg.dataset,
+        cfg.data_dir,
+        validation_fraction=cfg.validation_fraction,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+    )
+    plan = make_plan(cfg, len(splits.train))
+    torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
+    model = build_model(cfg.resolved_model(), cfg.dataset)
+    engine = DPEngine(
+        model,
+        cfg,
+        n_train=plan.n_train,
+        device=device,
+        noise_generator=make_generator(cfg.seed, "central", "noise", device=device),
+        sampling_generator=make_generator(cfg.seed, "central", "sampling", device=device),
+    )
+    train_data = splits.train.to(device)
+    run_dir = os.path.join(cfg.out_dir, run_dir_name(cfg))
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, "config.json"), cfg.to_dict())
+    write_json_atomic(os.path.join(run_dir, "plan.json"), asdict(plan))
+    with open(os.path.join(run_dir, "command.txt"), "w") as fh:
+        fh.write((command or reproduce_command(cfg)) + "\n")
+    log(
+        f"[plan] {cfg.method} on {cfg.dataset}: n={plan.n_train}, q={plan.sample_rate:.5f}, "
+        f"{plan.total_steps} steps ({plan.pretrain_steps} pre-training), sigma={plan.noise_multiplier:.4f}"
+        f" (pre {plan.pretrain_noise_multiplier:.4f}), planned epsilon={plan.planned_epsilon:.4f} "
+        f"at delta={cfg.delta:g}, {num_parameters(model)} parameters, run folder {run_dir}"
+    )
+
+    tracker = PrivacyTracker(
+        delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
+    )
+    kind, values = cfg.ratio_schedule()
+    schedule = UnfreezeSchedule(kind, cfg.r0, cfg.r_max, values)
+    train_epochs_total = math.ceil(plan.train_steps / plan.steps_per_epoch) if plan.train_steps else 0
+    builder: MaskBuilder | None = None
+    metrics: list[dict] = []
+    best = {"val_accuracy": -1.0, "epoch": 0}
+    best_state = copy.deepcopy(engine.model.state_dict())
+    step = 0
+    t0 = time.time()
+    for epoch in range(1, cfg.epochs + 1):
+        t_epoch = time.time()
+        epoch_end = step + plan.steps_per_epoch
+        # split this epoch into (pre-training, training) steps and check the budget first
+        n_pre = max(0, min(epoch_end, plan.pretrain_steps) - step)
+        n_train_steps = plan.steps_per_epoch - n_pre
+        if cfg.private:
+            for ph in (
+                Phase(plan.pretrain_noise_multiplier, plan.sample_rate, n_pre),
+                Phase(plan.noise_multiplier, plan.sample_rate, n_train_steps),
+            ):
+                if ph.steps:
+                    tracker.check(ph)
+                    tracker.spend(ph)
+        loss_sum, n_batches, n_clipped, n_examples = 0.0, 0, 0, 0
+        for _ in range(plan.steps_per_epoch):
+            if not cfg.private:
+                res = engine.step(train_data, mode="nonprivate")
+            elif step < plan.pretrain_steps or cfg.method == "dpsgd":
+                res = engine.step(
+                    train_data,
+                    mode="flat",
+                    noise_multiplier=plan.pretrain_noise_multiplier
+                    if step < plan.pretrain_steps
+                    else plan.noise_multiplier,
+                    update_importance=True,
+                )
+            else:
+                if cfg.uses_mask:
+                    if builder is None:
+                        assert engine.importance is not None
+                        builder = MaskBuilder(engine.importance.scores(), engine.sizes, cfg.mask_scope)
+                    stage = (step - plan.pretrain_steps) // plan.steps_per_epoch
+                    ratio = schedule.ratio(stage, train_epochs_total)
+                    if engine.mask is None or abs(engine.active_ratio - ratio) > 0.5 / engine.d:
+                        engine.set_mask(builder.mask(ratio))
+                res = engine.step(train_data, mode="adaptive", noise_multiplier=plan.noise_multiplier)
+            step += 1
+            loss_sum += res.loss
+            n_batches += 1
+            n_clipped += res.clipped
+            n_examples += res.batch_size
+        val_loss, val_acc = evaluate(engine.model, splits.validation)
+        test_loss, test_acc = evaluate(engine.model, splits.test)
+        eps = tracker.epsilon() if cfg.private else math.inf
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "phase": "pretrain" if step <= plan.pretrain_steps else "train",
+            "train_loss": loss_sum / max(n_batches, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "epsilon": eps,
+            "active_ratio": engine.active_ratio,
+            "clipped_fraction": n_clipped / max(n_examples, 1),
+            "seconds": time.time() - t_epoch,
+        }
+        metrics.append(row)
+        if val_acc > best["val_accuracy"]:
+            best = {"val_accuracy": val_acc, "epoch": epoch}
+            best_state = copy.deepcopy(engine.model.state_dict())
+        write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
+        write_csv(os.path.join(run_dir, "metrics.csv"), metrics)
+        log(
+            f"[epoch {epoch:3d}/{cfg.epochs}] {row['phase']:8s} loss {row['train_loss']:.4f} "
+            f"val acc {val_acc:.4f} eps {eps:.3f} active {row['active_ratio']:.2f} "
+            f"clipped {row['clipped_fraction']:.2f} ({row['seconds']:.1f}s)"
+        )
+    final_state = engine.model.state_dict()
+    torch.save(final_state, os.path.join(run_dir, "final_model.pt"))
+    torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
+    final_test = metrics[-1]["test_accuracy"]
+    engine.model.load_state_dict(best_state)
+    _, best_test = evaluate(engine.model, splits.test)
+    summary = {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "model": cfg.resolved_model(),
+        "target_epsilon": cfg.epsilon if cfg.private else None,
+        "epsilon": tracker.epsilon() if cfg.private else None,
+        "delta": cfg.delta,
+        "accountant": cfg.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "pretrain_noise_multiplier": plan.pretrain_noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.total_steps,
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "test_accuracy_best_val": best_test,
+        "test_accuracy_final": final_test,
+        "seed": cfg.seed if cfg.seeded else None,
+        "seeded_warning": "fixed seed: for experiments only" if cfg.seeded else None,
+        "seconds": time.time() - t0,
+        "run_dir": run_dir,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    log(
+        f"[done] best epoch {best['epoch']} (val {best['val_accuracy']:.4f}): test accuracy "
+        f"{best_test:.4f}; final test {final_test:.4f}; epsilon {summary['epsilon']} "
+        f"in {summary['seconds']:.0f}s -> {run_dir}"
+    )
+    return summary

@@ -1,0 +1,146 @@
+"""The ``adadpigu`` command line: privacy calculator, centralized training, simulation.
+
+Every :class:`~common.errors.UserError` (bad setting, missing data, unreachable
+budget) ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+
+from common.config import TrainConfig
+from common.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar="VALUE")
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {
+        name[len("cfg_") :]: value
+        for name, value in vars(args).items()
+        if name.startswith("cfg_") and value is not None
+    }
+    return TrainConfig.from_mapping(values)
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from common.accounting import calibrate_noise, compute_epsilon
+
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise UserError("give exactly one of --noise-multiplier and --target-epsilon")
+    for name in ("sample_rate", "delta"):
+        v = getattr(args, name)
+        if not (0 < v <= 1):
+            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    if args.steps <= 0:
+        raise UserError(f"--steps must be a positive integer, got {args.steps}")
+    out = {
+        "sample_rate": args.sample_rate,
+        "steps": args.steps,
+        "delta": args.delta,
+        "accountant": args.accountant,
+    }
+    if args.noise_multiplier is not None:
+        if args.noise_multiplier <= 0:
+            raise UserError(f"--noise-multiplier must be > 0, got {args.noise_multiplier}")
+        eps = compute_epsilon(
+            noise_multiplier=args.noise_multiplier,
+            sample_rate=args.sample_rate,
+            steps=args.steps,
+            delta=args.delta,
+            accountant=args.accountant,
+        )
+        out.update(noise_multiplier=args.noise_multiplier, epsilon=eps)
+        text = f"epsilon = {eps:.4f}"
+    else:
+        sigma = calibrate_noise(
+            args.target_epsilon, args.delta, args.sample_rate, args.steps, accountant=args.accountant
+        )
+        eps = compute_epsilon(
+            noise_multiplier=sigma,
+            sample_rate=args.sample_rate,
+            steps=args.steps,
+            delta=args.delta,
+            accountant=args.accountant,
+        )
+        out.update(target_epsilon=args.target_epsilon, noise_multiplier=sigma, epsilon=eps)
+        text = f"noise multiplier = {sigma:.4f} (epsilon = {eps:.4f})"
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"{text} at delta = {args.delta:g} ({args.accountant}, q = {args.sample_rate:g}, {args.steps} steps)"
+        )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from common.trainer import train_centralized
+
+    cfg = _config_from_args(args)
+    summary = train_centralized(cfg, command="adadpigu " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adadpigu", description="Federated, differentially private deep learning with AdaDPIGU."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("privacy", help="epsilon of a DP-SGD schedule, or the noise for a target epsilon")
+    p.add_argument("--noise-multiplier", type=float)
+    p.add_argument("--target-epsilon", type=float)
+    p.add_argument("--sample-rate", type=float, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_privacy)
+
+    p = sub.add_parser("train", help="centralized training on one machine")
+    _add_config_flags(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_train)
+
+    _register_extra(sub)
+    return parser
+
+
+def _register_extra(sub: argparse._SubParsersAction) -> None:
+    """Sub-commands that need Flower (imported lazily)."""
+    try:
+        from simulations.commands import register
+    except ImportError:
+        return
+    register(sub, _add_config_flags, _config_from_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"adadpigu: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("adadpigu: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

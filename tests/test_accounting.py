@@ -1,0 +1,74 @@
+"""Accounting with dp-accounting: golden values, PLD <= RDP, calibration, budget checks."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.accounting import Phase, PrivacyTracker, calibrate_noise, compute_epsilon
+from common.errors import BudgetError
+
+
+def test_rdp_golden_value():
+    # Golden value from the issue / Opacus & TF-Privacy RDP analyses (sigma 1.5, q 0.04, 2250 steps).
+    eps = compute_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5, accountant="rdp")
+    assert eps == pytest.approx(7.3291, abs=1e-3)
+
+
+def test_pld_tighter_than_rdp_and_matches_design_value():
+    pld = compute_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5, accountant="pld")
+    rdp = compute_epsilon(noise_multiplier=1.5, sample_rate=0.04, steps=2250, delta=1e-5, accountant="rdp")
+    assert pld <= rdp
+    assert pld == pytest.approx(6.77, abs=0.02)  # DESIGN.md §1
+
+
+def test_two_phases_compose_more_than_either():
+    a = Phase(2.0, 0.01, 300)
+    b = Phase(1.0, 0.01, 300)
+    both = compute_epsilon(phases=[a, b], delta=1e-5)
+    assert both > compute_epsilon(phases=[a], delta=1e-5)
+    assert both > compute_epsilon(phases=[b], delta=1e-5)
+    # identical phases compose like one long phase
+    one = compute_epsilon(phases=[Phase(1.0, 0.01, 600)], delta=1e-5, accountant="rdp")
+    two = compute_epsilon(phases=[Phase(1.0, 0.01, 300), Phase(1.0, 0.01, 300)], delta=1e-5, accountant="rdp")
+    assert one == pytest.approx(two, rel=1e-9)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    target=st.floats(0.5, 10.0),
+    q=st.floats(0.001, 0.2),
+    steps=st.integers(10, 400),
+    accountant=st.sampled_from(["rdp", "pld"]),
+)
+def test_calibration_never_overshoots_and_lands_within_2_percent(target, q, steps, accountant):
+    sigma = calibrate_noise(target, 1e-5, q, steps, accountant=accountant)
+    eps = compute_epsilon(
+        noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5, accountant=accountant
+    )
+    assert eps <= target
+    assert eps >= 0.98 * target
+
+
+def test_calibration_with_fixed_pretraining_phase():
+    pre = Phase(3.0, 0.02, 100)
+    sigma = calibrate_noise(4.0, 1e-5, 0.02, 900, fixed_phases=[pre])
+    eps = compute_epsilon(phases=[pre, Phase(sigma, 0.02, 900)], delta=1e-5)
+    assert 0.98 * 4.0 <= eps <= 4.0
+
+
+def test_unreachable_target_is_a_clear_error():
+    with pytest.raises(BudgetError, match="cannot be reached"):
+        calibrate_noise(1e-4, 1e-9, 1.0, 10**5, accountant="rdp")
+
+
+def test_tracker_refuses_a_phase_that_would_exceed_target():
+    tracker = PrivacyTracker(delta=1e-5, target_epsilon=2.0, accountant="rdp")
+    ok = Phase(2.0, 0.01, 200)
+    tracker.check(ok)
+    tracker.spend(ok)
+    assert tracker.steps == 200
+    with pytest.raises(BudgetError, match="would reach epsilon"):
+        tracker.check(Phase(0.5, 0.5, 1000))
+    assert tracker.steps == 200  # nothing recorded for the refused phase

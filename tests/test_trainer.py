@@ -1,0 +1,65 @@
+"""A short centralized MNIST run learns, stays within budget and writes its run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from common.config import TrainConfig
+from common.errors import BudgetError
+from common.trainer import make_plan, train_centralized
+
+
+@pytest.mark.parametrize("method", ["adadpigu", "dpsgd", "nonprivate"])
+def test_short_mnist_run_learns(method, data_dir, tmp_path):
+    cfg = TrainConfig(
+        method=method,
+        dataset="mnist",
+        epsilon=8.0,
+        train_subset=4000,
+        test_subset=1000,
+        epochs=3,
+        batch_size=128,
+        data_dir=data_dir,
+        out_dir=str(tmp_path),
+        seed=0,
+    )
+    summary = train_centralized(cfg, log=lambda s: None)
+    assert summary["best_val_accuracy"] > 0.6  # chance is 0.1
+    run = summary["run_dir"]
+    for name in (
+        "config.json",
+        "plan.json",
+        "metrics.json",
+        "metrics.csv",
+        "best_model.pt",
+        "final_model.pt",
+        "summary.json",
+        "command.txt",
+    ):
+        assert os.path.exists(os.path.join(run, name)), name
+    metrics = json.load(open(os.path.join(run, "metrics.json")))
+    assert len(metrics) == 3
+    if method != "nonprivate":
+        assert summary["epsilon"] <= 8.0
+        assert summary["epsilon"] >= 0.98 * 8.0
+        assert all(m1["epsilon"] < m2["epsilon"] for m1, m2 in zip(metrics, metrics[1:]))
+    if method == "adadpigu":
+        ratios = [m["active_ratio"] for m in metrics]
+        assert ratios[0] < 1.0 and ratios[-1] == pytest.approx(1.0)
+
+
+def test_explicit_sigma_over_budget_is_refused():
+    cfg = TrainConfig(method="dpsgd", epsilon=1.0, noise_multiplier=0.5, epochs=10, batch_size=100)
+    with pytest.raises(BudgetError, match="spends epsilon"):
+        make_plan(cfg, 1000)
+
+
+def test_plan_calibrates_within_target():
+    cfg = TrainConfig(method="adadpigu", epsilon=3.0, epochs=5, batch_size=100, pretrain_noise_multiplier=2.0)
+    plan = make_plan(cfg, 5000)
+    assert plan.pretrain_steps == round(0.1 * plan.total_steps)
+    assert plan.pretrain_noise_multiplier == 2.0
+    assert 0.98 * 3.0 <= plan.planned_epsilon <= 3.0
