@@ -280,6 +280,8 @@ class TrainConfig:
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
             key = raw_key.replace("-", "_")
+            if key == "data_dir" and value in ("", None):
+                continue  # Flower configs cannot hold None: "" means the default ($ADADPIGU_DATA_DIR)
             if key not in known:
                 if strict:
                     raise ConfigError(raw_key, value, "unknown setting")
@@ -350,3 +352,81 @@ def _to_float(raw_key: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(raw_key, value, "must be a number") from None
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Settings of the federated protocol (DESIGN.md §3), on top of :class:`TrainConfig`.
+
+    ``importance_rounds`` rounds of local DP-SGD precede the masked training rounds
+    (methods with a pre-training phase only); each sampled client runs
+    ``local_epochs`` epochs of Poisson-sampled steps per round.
+    """
+
+    num_server_rounds: int = 10
+    importance_rounds: int = 1
+    local_epochs: float = 1.0
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_available_nodes: int = 1
+    min_train_nodes: int = 1
+    round_timeout: float = 600.0
+    startup_timeout: float = 120.0
+    evaluate_every: int = 1
+
+    def __post_init__(self) -> None:
+        _number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
+        _number("importance-rounds", self.importance_rounds, lo=0, integer=True)
+        _number("local-epochs", self.local_epochs, lo=0.0, lo_open=True, hi=1e4)
+        _number("fraction-train", self.fraction_train, lo=0.0, hi=1.0, lo_open=True)
+        _number("fraction-evaluate", self.fraction_evaluate, lo=0.0, hi=1.0)
+        _number("min-available-nodes", self.min_available_nodes, lo=1, integer=True)
+        _number("min-train-nodes", self.min_train_nodes, lo=1, integer=True)
+        _number("round-timeout", self.round_timeout, lo=0.0, lo_open=True)
+        _number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
+        _number("evaluate-every", self.evaluate_every, lo=1, integer=True)
+
+    def importance_rounds_for(self, cfg: TrainConfig) -> int:
+        """Importance (pre-training) rounds actually run for ``cfg.method``."""
+        if cfg.method in ("nonprivate", "dpsgd"):
+            return 0
+        if self.importance_rounds < 1:
+            raise ConfigError(
+                "importance-rounds", self.importance_rounds, f"method {cfg.method} needs at least 1"
+            )
+        if self.importance_rounds >= self.num_server_rounds:
+            raise ConfigError(
+                "importance-rounds",
+                self.importance_rounds,
+                f"must be < num-server-rounds ({self.num_server_rounds}) to leave training rounds",
+            )
+        return self.importance_rounds
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> FederatedConfig:
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {
+            k.replace("-", "_"): _coerce(k, known[k.replace("-", "_")], v)
+            for k, v in values.items()
+            if k.replace("-", "_") in known
+        }
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def split_run_config(values: Mapping[str, Any]) -> tuple[TrainConfig, FederatedConfig]:
+    """Split a Flower run config into (TrainConfig, FederatedConfig); unknown keys are errors."""
+    train_keys = {f.name for f in fields(TrainConfig)}
+    fed_keys = {f.name for f in fields(FederatedConfig)}
+    train_part, fed_part = {}, {}
+    for k, v in values.items():
+        name = k.replace("-", "_")
+        if name in train_keys:
+            train_part[k] = v
+        elif name in fed_keys:
+            fed_part[k] = v
+        else:
+            raise ConfigError(k, v, "unknown setting")
+    return TrainConfig.from_mapping(train_part), FederatedConfig.from_mapping(fed_part)

@@ -1,0 +1,69 @@
+"""The AdaDPIGU ClientApp: thin Flower handlers around ``common`` (DESIGN.md §3).
+
+A client trains on its own silo under sample-level DP and replies with the update on
+the mask, its example count and the DP events it spent; in importance rounds also its
+released importance sums. All of these are computed from the outputs of its Gaussian
+mechanism (released gradients) or are public metadata (sizes, the schedule).
+
+Where state lives:
+- silo data and the engine (model, per-sample hooks) are cached per process, keyed by
+  silo and settings, so data is loaded once per worker, not once per round;
+- the AdaCliP statistics are kept **per client in ``context.state``**: they are
+  post-processing of this client's own releases, adapt to its own (possibly non-IID)
+  data, and cost no upload (aggregating them globally would add 2 x |mask| floats per
+  client and round);
+- the client's own privacy spend is also in ``context.state``: the client refuses a
+  round that would take it past its target, whatever the server asks (defence in depth).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch  # noqa: F401  (must be imported before ArrayRecord torch conversions in Ray actors)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import task
+from common import protocol as P
+from common.config import TrainConfig
+
+app = ClientApp()
+
+
+def _train_config(msg: Message) -> TrainConfig:
+    cfg = msg.content[P.CONFIG]
+    return TrainConfig.from_mapping(json.loads(str(cfg[P.TRAIN_CONFIG])))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report the silo's sizes (public metadata used for weights and the DP plan)."""
+    cfg = _train_config(msg)
+    silo = task.get_silo(cfg, context)
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: len(silo.train),
+            P.NUM_VAL_EXAMPLES: len(silo.validation),
+            P.PARTITION_ID: silo.partition_id,
+            P.NUM_PARTITIONS: silo.num_partitions,
+        }
+    )
+    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = _train_config(msg)
+    round_cfg: ConfigRecord = msg.content[P.CONFIG]
+    arrays: ArrayRecord = msg.content[P.ARRAYS]
+    reply_arrays, metrics = task.train_round(cfg, round_cfg, arrays, context)
+    return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of the global model on the silo's validation split (model selection)."""
+    cfg = _train_config(msg)
+    metrics = task.evaluate_round(cfg, msg.content[P.ARRAYS], context)
+    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,241 @@
+"""What a client does with a message, in plain functions (the handlers only translate)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+
+from common import protocol as P
+from common.accounting import Phase, PrivacyTracker
+from common.config import DEFAULT_DATA_DIR_ENV, TrainConfig
+from common.data import TensorData
+from common.engine import DPEngine, evaluate, make_generator, resolve_device
+from common.errors import BudgetError
+from common.federated import load_silo, local_round, sparse_encode
+from common.masks import unpack_mask
+from common.models import build_model
+
+
+@dataclass
+class Silo:
+    partition_id: int
+    num_partitions: int
+    train: TensorData
+    validation: TensorData
+
+
+_SILOS: dict[tuple, Silo] = {}
+_ENGINES: dict[tuple, DPEngine] = {}
+
+
+def _data_dir(cfg: TrainConfig, context: Context) -> str:
+    """A silo's own data folder wins (node config, then env) over the server's setting."""
+    node_dir = context.node_config.get("data-dir")
+    if node_dir:
+        return str(node_dir)
+    return os.environ.get(DEFAULT_DATA_DIR_ENV) or cfg.data_dir
+
+
+def _data_key(cfg: TrainConfig) -> tuple:
+    return (
+        cfg.dataset,
+        cfg.train_subset,
+        cfg.validation_fraction,
+        cfg.partitioner,
+        cfg.alpha,
+        cfg.classes_per_silo,
+        cfg.min_silo_size,
+        cfg.seed if cfg.seed >= 0 else 0,
+    )
+
+
+def get_silo(cfg: TrainConfig, context: Context) -> Silo:
+    pid = int(context.node_config["partition-id"])
+    nparts = int(context.node_config["num-partitions"])
+    data_dir = _data_dir(cfg, context)
+    key = (_data_key(cfg), pid, nparts, data_dir)
+    if key not in _SILOS:
+        train, val = load_silo(cfg, pid, nparts, data_dir=data_dir)
+        _SILOS[key] = Silo(pid, nparts, train, val)
+    return _SILOS[key]
+
+
+def _device() -> torch.device:
+    # A client uses CUDA when Ray gave it a GPU (CUDA_VISIBLE_DEVICES non-empty) or one is visible.
+    return resolve_device("auto")
+
+
+def get_engine(cfg: TrainConfig, silo: Silo) -> DPEngine:
+    key = (cfg.digest(), silo.partition_id, silo.num_partitions)
+    eng = _ENGINES.get(key)
+    if eng is None:
+        device = _device()
+        model = build_model(cfg.resolved_model(), cfg.dataset)
+        eng = DPEngine(
+            model,
+            cfg.replace(sample_rate=cfg.sample_rate or min(1.0, cfg.batch_size / len(silo.train))),
+            n_train=len(silo.train),
+            device=device,
+            noise_generator=torch.Generator(device=device),
+            sampling_generator=torch.Generator(device=device),
+        )
+        _ENGINES.clear()  # one engine per process at a time: bounded memory
+        _ENGINES[key] = eng
+    return eng
+
+
+def _load_global(engine: DPEngine, arrays: ArrayRecord) -> None:
+    state = arrays.to_torch_state_dict()
+    engine.model.load_state_dict(state, strict=True)
+
+
+# ----- client-side state in context.state ----------------------------------------------
+
+
+def _mask_from_state(round_cfg: ConfigRecord, context: Context, d: int) -> tuple[torch.Tensor | None, int]:
+    version = int(round_cfg.get(P.MASK_VERSION, 0))
+    if version == 0:
+        return None, 0
+    if P.MASK_BITS in round_cfg:
+        bits = bytes(round_cfg[P.MASK_BITS])
+        context.state[P.STATE_MASK] = ConfigRecord({"version": version, "bits": bits, "d": d})
+    stored = context.state.get(P.STATE_MASK)
+    if stored is None or int(stored["version"]) != version:
+        raise RuntimeError(
+            f"mask version {version} requested but this client holds "
+            f"{'none' if stored is None else int(stored['version'])}; the server must resend the mask bits"
+        )
+    return unpack_mask(bytes(stored["bits"]), d), version
+
+
+def _load_stats(engine: DPEngine, context: Context) -> None:
+    if engine.stats is None:
+        return
+    rec = context.state.get(P.STATE_STATS)
+    if rec is None:
+        engine.stats.m.zero_()
+        engine.stats.s.zero_()
+        engine.stats.t1.zero_()
+        return
+    engine.stats.load_state({k: torch.from_numpy(rec[k].numpy().copy()) for k in ("m", "s", "t")})
+
+
+def _save_stats(engine: DPEngine, context: Context) -> None:
+    if engine.stats is None:
+        return
+    context.state[P.STATE_STATS] = ArrayRecord(
+        {k: Array(v.detach().cpu().numpy()) for k, v in engine.stats.state().items()}
+    )
+
+
+def _client_tracker(cfg: TrainConfig, context: Context) -> PrivacyTracker:
+    tracker = PrivacyTracker(
+        delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
+    )
+    rec = context.state.get(P.STATE_SPEND)
+    if rec is not None:
+        for s, q, t in zip(rec["sigma"], rec["q"], rec["steps"]):
+            tracker.spend(Phase(float(s), float(q), int(t)))
+    return tracker
+
+
+def _save_tracker(tracker: PrivacyTracker, context: Context) -> None:
+    context.state[P.STATE_SPEND] = ConfigRecord(
+        {
+            "sigma": [float(p.noise_multiplier) for p in tracker.phases],
+            "q": [float(p.sample_rate) for p in tracker.phases],
+            "steps": [int(p.steps) for p in tracker.phases],
+        }
+    )
+
+
+# ----- handlers' work ----------------------------------------------------------------------
+
+
+def train_round(
+    cfg: TrainConfig, round_cfg: ConfigRecord, arrays: ArrayRecord, context: Context
+) -> tuple[ArrayRecord, MetricRecord]:
+    silo = get_silo(cfg, context)
+    engine = get_engine(cfg, silo)
+    phase = str(round_cfg[P.PHASE])
+    server_round = int(round_cfg[P.SERVER_ROUND])
+    sigma = float(round_cfg[P.NOISE_MULTIPLIER])
+    q = float(round_cfg[P.SAMPLE_RATE])
+    steps = int(round_cfg[P.LOCAL_STEPS])
+    if not (0 < q <= 1) or steps < 1:
+        raise ValueError(f"bad round config: sample-rate {q}, local-steps {steps}")
+
+    # The client enforces its own budget before touching its data.
+    tracker = _client_tracker(cfg, context)
+    if cfg.private:
+        if sigma <= 0:
+            raise BudgetError(f"server asked for noise multiplier {sigma} in a private run")
+        tracker.check(Phase(sigma, q, steps))
+
+    _load_global(engine, arrays)
+    engine.reset_optimizer()
+    engine.q, engine.expected_batch_size = q, q * len(silo.train)
+    seed_keys = ("client", silo.partition_id, server_round)
+    engine.noise_generator = make_generator(cfg.seed, *seed_keys, "noise", device=engine.device)
+    engine.sampling_generator = make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device)
+    mask, mask_version = _mask_from_state(round_cfg, context, engine.d)
+    engine.mask = None
+    engine.set_mask(mask)
+    _load_stats(engine, context)
+    if engine.importance is not None:
+        engine.importance.total.zero_()
+        engine.importance.noise_var.zero_()
+        engine.importance.steps = 0
+
+    if not cfg.private:
+        mode = "nonprivate"
+    elif phase == P.PHASE_IMPORTANCE or cfg.method == "dpsgd":
+        mode = "flat"
+    else:
+        mode = "adaptive"
+    result = local_round(
+        engine,
+        silo.train.to(engine.device) if engine.device.type != "cpu" else silo.train,
+        mode=mode,
+        steps=steps,
+        noise_multiplier=sigma,
+        update_importance=phase == P.PHASE_IMPORTANCE,
+    )
+    if cfg.private:
+        tracker.spend(Phase(sigma, q, steps))
+        _save_tracker(tracker, context)
+    _save_stats(engine, context)
+
+    out = {P.UPDATE: Array(sparse_encode(result.delta, mask))}
+    metrics = {
+        P.NUM_EXAMPLES: len(silo.train),
+        P.PARTITION_ID: silo.partition_id,
+        P.DP_STEPS: steps if cfg.private else 0,
+        P.DP_NOISE_MULTIPLIER: sigma,
+        P.DP_SAMPLE_RATE: q,
+        P.MASK_VERSION: mask_version,
+    }
+    if phase == P.PHASE_IMPORTANCE and engine.importance is not None:
+        out[P.IMPORTANCE_TOTAL] = Array(engine.importance.total.float().cpu().numpy())
+        out[P.IMPORTANCE_NOISE_VAR] = Array(engine.importance.noise_var.float().cpu().numpy())
+        metrics[P.IMPORTANCE_STEPS] = engine.importance.steps
+    return ArrayRecord(out), MetricRecord(metrics)
+
+
+def evaluate_round(cfg: TrainConfig, arrays: ArrayRecord, context: Context) -> MetricRecord:
+    silo = get_silo(cfg, context)
+    engine = get_engine(cfg, silo)
+    _load_global(engine, arrays)
+    loss, acc = evaluate(engine.model, silo.validation)
+    n = len(silo.validation)
+    return MetricRecord(
+        {
+            P.NUM_EXAMPLES: max(n, 1),
+            P.VAL_ACCURACY: float(np.nan_to_num(acc)),
+            P.VAL_LOSS: float(np.nan_to_num(loss)),
+        }
+    )

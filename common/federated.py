@@ -1,0 +1,141 @@
+"""Flower-free pieces of the federated protocol (DESIGN.md §3).
+
+- :class:`ClientPlan`: a silo's sampling rate, local steps per round and planned DP
+  events, identical on the server (calibration, budget checks) and the client.
+- Sparse updates: values on the active coordinates, in mask order.
+- :func:`aggregate_sparse`: the coordinate-wise weighted average of sparse updates.
+- :func:`local_round`: one client's local training for one round with the DP engine.
+- Partitions: IID split of a dataset into silos, each with a local validation split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.accounting import Phase
+from common.config import FederatedConfig, TrainConfig
+from common.data import TensorData, load_dataset, take_subset, train_validation_split
+from common.engine import DPEngine
+from common.errors import DataError
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """A silo's DP schedule: ``local_steps`` Poisson steps at rate ``sample_rate`` per round."""
+
+    n_train: int
+    sample_rate: float
+    local_steps: int
+
+    @classmethod
+    def for_silo(cls, cfg: TrainConfig, fed: FederatedConfig, n_train: int) -> ClientPlan:
+        if n_train <= 0:
+            raise DataError("a silo has no training examples")
+        q = cfg.sample_rate if cfg.sample_rate is not None else min(1.0, cfg.batch_size / n_train)
+        steps = max(1, int(round(fed.local_epochs / q)))
+        return cls(n_train, q, steps)
+
+    def round_phase(self, noise_multiplier: float) -> Phase:
+        return Phase(noise_multiplier, self.sample_rate, self.local_steps)
+
+
+def sparse_encode(delta: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:
+    """The update's values on the active coordinates, in mask order (float32)."""
+    flat = delta.detach().reshape(-1).float().cpu()
+    if mask is not None:
+        flat = flat[mask.cpu()]
+    return flat.numpy().astype(np.float32, copy=False)
+
+
+def sparse_decode(values: np.ndarray | torch.Tensor, mask: torch.Tensor | None, d: int) -> torch.Tensor:
+    """Inverse of :func:`sparse_encode`: a dense ``[d]`` tensor, 0 off the mask."""
+    v = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if mask is None:
+        if v.numel() != d:
+            raise ValueError(f"dense update has {v.numel()} values, expected {d}")
+        return v.clone()
+    k = int(mask.sum())
+    if v.numel() != k:
+        raise ValueError(f"sparse update has {v.numel()} values, the mask has {k} active coordinates")
+    out = torch.zeros(d, dtype=torch.float32)
+    out[mask.cpu()] = v
+    return out
+
+
+def aggregate_sparse(
+    updates: Sequence[np.ndarray], weights: Sequence[float], mask: torch.Tensor | None, d: int
+) -> torch.Tensor:
+    """Weighted average of sparse updates on the mask (dense ``[d]``, 0 elsewhere)."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("aggregation weights must be non-negative with a positive sum")
+    stacked = np.stack([np.asarray(u, dtype=np.float64) for u in updates])
+    mean = (w[:, None] * stacked).sum(0) / w.sum()
+    return sparse_decode(mean.astype(np.float32), mask, d)
+
+
+# ----- partitions ---------------------------------------------------------------------
+
+
+def iid_partitions(n: int, num_partitions: int, *, seed: int = 0) -> list[torch.Tensor]:
+    """Disjoint, near-equal random shards of ``range(n)`` (deterministic by seed)."""
+    if num_partitions < 1:
+        raise DataError(f"num-partitions must be >= 1, got {num_partitions}")
+    if num_partitions > n:
+        raise DataError(f"{num_partitions} silos but only {n} examples: every silo needs data")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [p.sort().values for p in torch.tensor_split(perm, num_partitions)]
+
+
+def load_silo(
+    cfg: TrainConfig, partition_id: int, num_partitions: int, *, data_dir: str | None = None
+) -> tuple[TensorData, TensorData]:
+    """(train, validation) data of one silo."""
+    if not (0 <= partition_id < num_partitions):
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    full = take_subset(load_dataset(cfg.dataset, data_dir or cfg.data_dir, True), cfg.train_subset)
+    from common.partition import partition_indices
+
+    parts = partition_indices(full.y, num_partitions, cfg)
+    shard = full.subset(parts[partition_id])
+    if len(shard) < 2:
+        raise DataError(f"silo {partition_id} has {len(shard)} examples; it needs at least 2")
+    train_idx, val_idx = train_validation_split(len(shard), cfg.validation_fraction, seed=partition_id)
+    return shard.subset(train_idx), shard.subset(val_idx)
+
+
+# ----- one local round ------------------------------------------------------------------
+
+
+@dataclass
+class LocalResult:
+    delta: torch.Tensor  # new local parameters - received global parameters (flat)
+    steps: int
+    mean_loss: float
+
+
+def local_round(
+    engine: DPEngine,
+    data: TensorData,
+    *,
+    mode: str,
+    steps: int,
+    noise_multiplier: float,
+    update_importance: bool,
+) -> LocalResult:
+    """Run ``steps`` DP steps from the engine's current (global) parameters."""
+    start = torch.cat([p.detach().reshape(-1) for p in engine.params]).clone()
+    losses = []
+    for _ in range(steps):
+        res = engine.step(data, mode=mode, noise_multiplier=noise_multiplier, update_importance=update_importance)
+        losses.append(res.loss)
+    end = torch.cat([p.detach().reshape(-1) for p in engine.params])
+    mean_loss = float(np.mean(losses)) if losses else math.nan
+    return LocalResult(delta=end - start, steps=steps, mean_loss=mean_loss)

@@ -1,0 +1,47 @@
+"""Message keys of the AdaDPIGU federated protocol, in one place (DESIGN.md §3).
+
+Server -> client (train): RecordDict{ARRAYS: global model, CONFIG: ConfigRecord}
+Client -> server (train): RecordDict{ARRAYS: {UPDATE, [IMPORTANCE_*]}, METRICS: MetricRecord}
+Server -> client (query): RecordDict{CONFIG}; reply METRICS with the silo sizes.
+"""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# arrays in a train reply
+UPDATE = "update"  # sparse: values on the active coordinates in mask order (float32)
+IMPORTANCE_TOTAL = "importance-total"  # sum over released steps of g_hat^2 (or |g_hat|)
+IMPORTANCE_NOISE_VAR = "importance-noise-var"  # sum over released steps of noise std^2 (public)
+
+# round config (ConfigRecord)
+SERVER_ROUND = "server-round"
+PHASE = "phase"  # "importance" | "train"
+TRAIN_CONFIG = "train-config"  # JSON of TrainConfig.to_dict(): the clients' single source of settings
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+LOCAL_STEPS = "local-steps"
+RETENTION_RATIO = "retention-ratio"
+MASK_VERSION = "mask-version"  # 0 = no mask (all coordinates active)
+MASK_BITS = "mask-bits"  # packed bits, sent only when the node's copy is out of date
+NUM_PARAMETERS = "num-parameters"
+
+# metrics (MetricRecord)
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+NUM_VAL_EXAMPLES = "num-val-examples"
+DP_STEPS = "dp-steps"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+IMPORTANCE_STEPS = "importance-steps"
+VAL_ACCURACY = "val-accuracy"
+VAL_LOSS = "val-loss"
+
+PHASE_IMPORTANCE = "importance"
+PHASE_TRAIN = "train"
+
+# client context.state records
+STATE_MASK = "adadpigu-mask"
+STATE_STATS = "adadpigu-adaclip"
+STATE_SPEND = "adadpigu-spend"

@@ -1,0 +1,59 @@
+"""The AdaDPIGU ServerApp (Flower Message API).
+
+Settings come from ``context.run_config`` (``[tool.flwr.app.config]`` plus
+``flwr run --run-config`` overrides); :func:`make_server_app` builds the same app with
+settings fixed in Python (used by ``adadpigu simulate``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import ERROR
+
+from flwr.app import Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import FederatedConfig, TrainConfig, split_run_config
+from common.errors import UserError
+from server.runner import run_federated
+
+
+def _run_guarded(grid: Grid, cfg: TrainConfig, fed: FederatedConfig, **kwargs) -> dict | None:
+    try:
+        return run_federated(grid, cfg, fed, **kwargs)
+    except UserError as exc:
+        log(ERROR, "adadpigu: error: %s", exc)
+        return None
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg, fed = split_run_config(dict(context.run_config))
+    except UserError as exc:
+        log(ERROR, "adadpigu: error: %s", exc)
+        return
+    _run_guarded(grid, cfg, fed)
+
+
+def make_server_app(
+    cfg: TrainConfig,
+    fed: FederatedConfig,
+    *,
+    command: str | None = None,
+    on_done: Callable[[dict | None], None] | None = None,
+) -> ServerApp:
+    """A ServerApp with fixed settings; ``on_done`` receives the run summary."""
+    fixed = ServerApp()
+
+    @fixed.main()
+    def _main(grid: Grid, context: Context) -> None:
+        summary = _run_guarded(grid, cfg, fed, command=command)
+        if on_done is not None:
+            on_done(summary)
+
+    return fixed

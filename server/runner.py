@@ -1,0 +1,224 @@
+"""The federated run loop on a Flower Grid: discovery, rounds, ledger, evaluation, outputs.
+
+Written as an explicit loop over the strategy's hooks (rather than ``Strategy.start``)
+because a DP run must be able to stop *before* a round that would overspend, and must
+record each client's spend when the round is sent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from common import protocol as P
+from common.config import FederatedConfig, TrainConfig
+from common.data import load_dataset, take_subset
+from common.engine import evaluate
+from common.errors import BudgetError, UserError
+from common.models import build_model
+from common.trainer import reproduce_command, write_csv, write_json_atomic
+from server.ledger import PrivacyLedger
+from server.strategy import AdaDPIGUStrategy, RoundError
+
+
+def _info(msg: str) -> None:
+    log(INFO, msg)
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.time() > deadline:
+            raise RoundError(f"only {len(nodes)} of the {minimum} required clients connected within {timeout:g}s")
+        time.sleep(0.5)
+
+
+def fed_run_dir(cfg: TrainConfig, fed: FederatedConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    eps = "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
+    return os.path.join(cfg.out_dir, f"{stamp}-fed-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}")
+
+
+def run_federated(
+    grid: Grid,
+    cfg: TrainConfig,
+    fed: FederatedConfig,
+    *,
+    log_fn: Callable[[str], None] = _info,
+    command: str | None = None,
+    run_dir: str | None = None,
+) -> dict:
+    """Run the whole federated training; returns the summary (also in the run folder)."""
+    t0 = time.time()
+    run_dir = run_dir or fed_run_dir(cfg, fed)
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, "config.json"), {"train": cfg.to_dict(), "federated": fed.to_dict()})
+    with open(os.path.join(run_dir, "command.txt"), "w") as fh:
+        fh.write((command or federated_command(cfg, fed)) + "\n")
+
+    torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
+    model = build_model(cfg.resolved_model(), cfg.dataset)
+    test = take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset)
+    ledger = PrivacyLedger(
+        delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
+    )
+    strategy = AdaDPIGUStrategy(cfg, fed, model=model, ledger=ledger)
+
+    nodes = wait_for_nodes(grid, fed.min_available_nodes, fed.startup_timeout)
+    query = ConfigRecord({P.TRAIN_CONFIG: strategy.train_config_json})
+    replies = grid.send_and_receive(
+        [Message(RecordDict({P.CONFIG: query}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
+        timeout=fed.startup_timeout,
+    )
+    strategy.register_silos(replies)
+    if len(strategy.silos) < fed.min_train_nodes:
+        raise RoundError(f"{len(strategy.silos)} clients registered; min-train-nodes is {fed.min_train_nodes}")
+    strategy.calibrate()
+    plans = {
+        s.name: {
+            "n_train": s.n_train,
+            "n_val": s.n_val,
+            "sample_rate": s.plan.sample_rate,
+            "local_steps": s.plan.local_steps,
+            "noise_multiplier": s.noise_multiplier,
+        }
+        for s in sorted(strategy.silos.values(), key=lambda s: s.name)
+    }
+    write_json_atomic(os.path.join(run_dir, "plan.json"), plans)
+    sigmas = sorted({round(s.noise_multiplier, 6) for s in strategy.silos.values()})
+    log_fn(
+        f"[plan] {cfg.method} on {cfg.dataset}: {len(strategy.silos)} silos, {fed.num_server_rounds} rounds "
+        f"({strategy.importance_rounds} importance), noise multiplier {sigmas}, target epsilon "
+        f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; run folder {run_dir}"
+    )
+
+    arrays = ArrayRecord(model.state_dict())
+    rows: list[dict] = []
+    test_loss, test_acc = evaluate(strategy.model, test)
+    rows.append({"round": 0, "phase": "init", "retention_ratio": 1.0, "test_accuracy": test_acc,
+                 "test_loss": test_loss, "max_epsilon": 0.0, "mean_epsilon": 0.0})
+    log_fn(f"[round   0] init test acc {test_acc:.4f}")
+    best = {"round": 0, "val_accuracy": -1.0}
+    best_state = copy.deepcopy(model.state_dict())
+    stop_reason = "completed"
+    for rnd in range(1, fed.num_server_rounds + 1):
+        t_round = time.time()
+        try:
+            messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+        except BudgetError as exc:
+            stop_reason = f"budget: {exc}"
+            log(WARNING, "stopping before round %d: %s", rnd, exc)
+            break
+        except RoundError as exc:
+            stop_reason = f"clients: {exc}"
+            log(WARNING, "stopping before round %d: %s", rnd, exc)
+            break
+        strategy.record_spend(rnd)
+        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        new_arrays, agg = strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        agg_d = dict(agg) if agg is not None else {}
+        test_loss, test_acc = evaluate(strategy.model, test)
+        val = None
+        if rnd % fed.evaluate_every == 0 or rnd == fed.num_server_rounds:
+            ev_replies = grid.send_and_receive(
+                strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=fed.round_timeout
+            )
+            val = strategy.aggregate_evaluate(rnd, ev_replies)
+        val_acc = float(val[P.VAL_ACCURACY]) if val is not None else math.nan
+        eps = ledger.summary(s.name for s in strategy.silos.values()) if cfg.private else {
+            "max_epsilon": math.inf, "mean_epsilon": math.inf}
+        n_sent = max(int(agg_d.get("clients-sent", 0)), 1)
+        row = {
+            "round": rnd,
+            "phase": strategy.phase_of(rnd),
+            "retention_ratio": strategy.ratio_of(rnd),
+            "active_ratio": 1.0 if strategy.mask is None else float(strategy.mask.float().mean()),
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "val_accuracy": val_acc,
+            "max_epsilon": eps["max_epsilon"],
+            "mean_epsilon": eps["mean_epsilon"],
+            "clients": int(agg_d.get("clients-sent", 0)),
+            "valid_updates": int(agg_d.get("clients-valid", 0)),
+            "rejected_updates": int(agg_d.get("rejected", 0)),
+            "failed_clients": int(agg_d.get("failed", 0)),
+            "bytes_down_per_client": float(agg_d.get("bytes-down", 0.0)) / n_sent,
+            "bytes_up_per_client": float(agg_d.get("bytes-up", 0.0)) / max(int(agg_d.get("clients-valid", 0)), 1),
+            "dense_bytes": 4 * strategy.d,
+            "seconds": time.time() - t_round,
+        }
+        rows.append(row)
+        if not math.isnan(val_acc) and val_acc > best["val_accuracy"]:
+            best = {"round": rnd, "val_accuracy": val_acc}
+            best_state = copy.deepcopy(strategy.model.state_dict())
+        write_json_atomic(os.path.join(run_dir, "metrics.json"), rows)
+        write_csv(os.path.join(run_dir, "metrics.csv"), rows)
+        write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
+        torch.save(strategy.model.state_dict(), os.path.join(run_dir, "final_model.pt"))
+        log_fn(
+            f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {test_acc:.4f} "
+            f"val acc {val_acc:.4f} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "
+            f"up {row['bytes_up_per_client'] / 1e3:.1f} kB down {row['bytes_down_per_client'] / 1e3:.1f} kB "
+            f"rejected {row['rejected_updates']} failed {row['failed_clients']} ({row['seconds']:.1f}s)"
+        )
+    torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
+    strategy.model.load_state_dict(best_state)
+    _, best_test = evaluate(strategy.model, test)
+    write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
+    write_json_atomic(os.path.join(run_dir, "rejections.json"), strategy.rejections)
+    summary = {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "num_silos": len(strategy.silos),
+        "rounds_completed": len(rows) - 1,
+        "stop_reason": stop_reason,
+        "target_epsilon": cfg.epsilon if cfg.private else None,
+        "delta": cfg.delta,
+        "max_epsilon": ledger.summary()["max_epsilon"] if cfg.private else None,
+        "mean_epsilon": ledger.summary()["mean_epsilon"] if cfg.private else None,
+        "best_round": best["round"],
+        "best_val_accuracy": best["val_accuracy"],
+        "test_accuracy_best_val": best_test,
+        "test_accuracy_final": rows[-1]["test_accuracy"],
+        "initial_test_accuracy": rows[0]["test_accuracy"],
+        "rejected_updates": len([r for r in strategy.rejections if not r["reason"].startswith("client error")]),
+        "seed": cfg.seed if cfg.seeded else None,
+        "seconds": time.time() - t0,
+        "run_dir": run_dir,
+    }
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    log_fn(
+        f"[done] {summary['rounds_completed']} rounds ({stop_reason}); best round {best['round']} "
+        f"test acc {best_test:.4f}; final {summary['test_accuracy_final']:.4f}; max epsilon "
+        f"{summary['max_epsilon']}; {run_dir}"
+    )
+    return summary
+
+
+def federated_command(cfg: TrainConfig, fed: FederatedConfig) -> str:
+    """``flwr run`` command that reproduces the run (settings that differ from defaults)."""
+    defaults = {**TrainConfig().to_dict(), **FederatedConfig().to_dict()}
+    pairs = []
+    for k, v in {**cfg.to_dict(), **fed.to_dict()}.items():
+        if k in ("data-dir", "out-dir") or v == defaults.get(k) or v is None:
+            continue
+        pairs.append(f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}")
+    return f"flwr run . --run-config '{' '.join(pairs)}'  # or: " + reproduce_command(cfg, "simulate")
+
+
+__all__ = ["run_federated", "federated_command", "UserError"]

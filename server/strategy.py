@@ -1,0 +1,386 @@
+"""The AdaDPIGU strategy: a FedAvg subclass for importance rounds, masks and sparse updates.
+
+Per round (DESIGN.md §3):
+- ``configure_train`` samples clients, checks the privacy ledger (no participant may
+  pass the target), moves the retention ratio along the schedule, and sends each client
+  the global model plus its round config: phase, noise multiplier, sample rate, local
+  steps, r(t), and the global mask as packed bits (only to nodes whose copy is stale);
+- ``aggregate_train`` validates every reply (shape, finite values, mask version, DP
+  events as planned) and rejects bad ones with a logged reason; the valid sparse
+  updates are averaged coordinate-wise (weighted by examples) into the global model;
+  frozen coordinates stay put. After the last importance round the released importance
+  sums are aggregated (weighted by examples) into one global top-k ranking.
+
+The maths (sparse encoding, weighted averaging, masks) lives in ``common``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import protocol as P
+from common.accounting import Phase, calibrate_noise
+from common.config import FederatedConfig, TrainConfig
+from common.engine import derive_seed
+from common.errors import UserError
+from common.federated import ClientPlan, aggregate_sparse
+from common.masks import MaskBuilder, UnfreezeSchedule, importance_scores, pack_mask
+from common.models import flat_parameters, load_flat_parameters
+from server.ledger import PrivacyLedger
+
+
+class RoundError(UserError):
+    """A round cannot run (too few clients, nothing valid came back)."""
+
+
+@dataclass
+class SiloInfo:
+    node_id: int
+    name: str  # "silo-<partition-id>", the ledger key
+    n_train: int
+    n_val: int
+    plan: ClientPlan
+    noise_multiplier: float = 0.0
+
+
+@dataclass
+class Sent:
+    """What a node was asked to do this round (to check its reply against)."""
+
+    silo: SiloInfo
+    phase_name: str
+    phase: Phase
+    mask_version: int
+    expected_len: int
+    down_bytes: int
+
+
+class AdaDPIGUStrategy(FedAvg):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        fed: FederatedConfig,
+        *,
+        model: torch.nn.Module,
+        ledger: PrivacyLedger,
+    ) -> None:
+        super().__init__(
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate,
+            min_train_nodes=fed.min_train_nodes,
+            min_evaluate_nodes=1,
+            min_available_nodes=fed.min_available_nodes,
+        )
+        self.cfg, self.fed = cfg, fed
+        self.model = model
+        self.sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+        self.d = sum(self.sizes)
+        self.ledger = ledger
+        self.rng = random.Random(derive_seed(cfg.seed, "server", "sampling"))
+        self.silos: dict[int, SiloInfo] = {}
+        self.importance_rounds = fed.importance_rounds_for(cfg)
+        kind, values = cfg.ratio_schedule()
+        self.schedule = UnfreezeSchedule(kind, cfg.r0, cfg.r_max, values)
+        self.mask: torch.Tensor | None = None
+        self.mask_version = 0
+        self.mask_bits = b""
+        self.node_mask_version: dict[int, int] = {}
+        self.builder: MaskBuilder | None = None
+        self.importance_sum = torch.zeros(self.d, dtype=torch.float64)
+        self.importance_weight = 0.0
+        self.sent: dict[int, Sent] = {}
+        self.current_flat: torch.Tensor | None = None
+        self.rejections: list[dict] = []
+        self.train_config_json = json.dumps(cfg.to_dict())
+
+    # ----- set-up ------------------------------------------------------------------------
+    def register_silos(self, replies: Iterable[Message]) -> None:
+        """Record each node's silo (from the query round) and its DP plan."""
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "node %s did not answer the query: %s", msg.metadata.src_node_id, msg.error.reason)
+                continue
+            m = msg.content[P.METRICS]
+            pid = int(m[P.PARTITION_ID])
+            n_train = int(m[P.NUM_EXAMPLES])
+            plan = ClientPlan.for_silo(self.cfg, self.fed, n_train)
+            self.silos[msg.metadata.src_node_id] = SiloInfo(
+                msg.metadata.src_node_id, f"silo-{pid}", n_train, int(m[P.NUM_VAL_EXAMPLES]), plan
+            )
+        names = [s.name for s in self.silos.values()]
+        if len(set(names)) != len(names):
+            raise RoundError(f"two nodes report the same partition: {sorted(names)}")
+
+    def calibrate(self) -> None:
+        """Noise per silo so that taking part in every planned round meets the target."""
+        if not self.cfg.private:
+            return
+        cache: dict[tuple[float, int], float] = {}
+        rounds = self.fed.num_server_rounds
+        for silo in self.silos.values():
+            key = (silo.plan.sample_rate, silo.plan.local_steps)
+            if key not in cache:
+                if self.cfg.noise_multiplier is not None:
+                    cache[key] = self.cfg.noise_multiplier
+                else:
+                    cache[key] = calibrate_noise(
+                        self.cfg.epsilon,
+                        self.cfg.delta,
+                        silo.plan.sample_rate,
+                        silo.plan.local_steps * rounds,
+                        accountant=self.cfg.accountant,
+                    )
+            silo.noise_multiplier = cache[key]
+
+    # ----- schedule ----------------------------------------------------------------------
+    def phase_of(self, server_round: int) -> str:
+        return P.PHASE_IMPORTANCE if server_round <= self.importance_rounds else P.PHASE_TRAIN
+
+    def ratio_of(self, server_round: int) -> float:
+        if not self.cfg.uses_mask or self.phase_of(server_round) == P.PHASE_IMPORTANCE:
+            return 1.0
+        stage = server_round - self.importance_rounds - 1
+        return self.schedule.ratio(stage, self.fed.num_server_rounds - self.importance_rounds)
+
+    def _update_mask(self, server_round: int) -> None:
+        if not self.cfg.uses_mask or self.phase_of(server_round) == P.PHASE_IMPORTANCE:
+            return
+        if self.builder is None:
+            if self.importance_weight <= 0:
+                raise RoundError("no valid importance scores were received: cannot build the mask")
+            scores = self.importance_sum / self.importance_weight
+            self.builder = MaskBuilder(scores.float(), self.sizes, self.cfg.mask_scope)
+        new = self.builder.mask(self.ratio_of(server_round))
+        if self.mask is None or not torch.equal(new, self.mask):
+            self.mask = new
+            self.mask_version += 1
+            self.mask_bits = pack_mask(new)
+
+    # ----- train -------------------------------------------------------------------------
+    def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        connected = set(grid.get_node_ids())
+        available = sorted(n for n in self.silos if n in connected)
+        k = max(minimum, math.ceil(fraction * len(available)))
+        if len(available) < minimum:
+            raise RoundError(f"only {len(available)} registered clients are connected; {minimum} are needed")
+        return sorted(self.rng.sample(available, min(k, len(available))))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        nodes = self.sample(grid, self.fed.fraction_train, self.fed.min_train_nodes)
+        phase = self.phase_of(server_round)
+        if self.cfg.private:
+            planned = {self.silos[n].name: self.silos[n].plan.round_phase(self.silos[n].noise_multiplier) for n in nodes}
+            self.ledger.check_round(planned)  # raises BudgetError before anything is sent
+        self._update_mask(server_round)
+        self.current_flat = self._flat_of(arrays)
+        base_bytes = arrays.count_bytes()
+        expected_len = self.d if self.mask is None else int(self.mask.sum())
+        self.sent = {}
+        messages = []
+        for n in nodes:
+            silo = self.silos[n]
+            rc = ConfigRecord(
+                {
+                    P.SERVER_ROUND: server_round,
+                    P.PHASE: phase,
+                    P.TRAIN_CONFIG: self.train_config_json,
+                    P.NOISE_MULTIPLIER: float(silo.noise_multiplier),
+                    P.SAMPLE_RATE: float(silo.plan.sample_rate),
+                    P.LOCAL_STEPS: int(silo.plan.local_steps),
+                    P.RETENTION_RATIO: float(self.ratio_of(server_round)),
+                    P.MASK_VERSION: self.mask_version,
+                    P.NUM_PARAMETERS: self.d,
+                }
+            )
+            down = base_bytes
+            if self.mask_version and self.node_mask_version.get(n) != self.mask_version:
+                rc[P.MASK_BITS] = self.mask_bits
+                down += len(self.mask_bits)
+            messages.append(
+                Message(
+                    RecordDict({P.ARRAYS: arrays, P.CONFIG: rc}),
+                    dst_node_id=n,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+            )
+            self.sent[n] = Sent(
+                silo=silo,
+                phase_name=phase,
+                phase=silo.plan.round_phase(silo.noise_multiplier) if self.cfg.private else Phase(1.0, 1.0, 0),
+                mask_version=self.mask_version,
+                expected_len=expected_len,
+                down_bytes=down,
+            )
+        return messages
+
+    def record_spend(self, server_round: int) -> None:
+        """Charge every client that was sent this round (before its reply: conservative)."""
+        if not self.cfg.private:
+            return
+        for s in self.sent.values():
+            self.ledger.record(s.silo.name, server_round, s.phase)
+
+    def _flat_of(self, arrays: ArrayRecord) -> torch.Tensor:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return flat_parameters(self.model)
+
+    def validate_reply(self, msg: Message) -> tuple[str | None, dict]:
+        """(reason for rejection or None, parsed content)."""
+        node = msg.metadata.src_node_id
+        sent = self.sent.get(node)
+        if sent is None:
+            return f"reply from node {node}, which was not sent this round", {}
+        if msg.has_error():
+            return f"client error: {msg.error.reason}", {}
+        content = msg.content
+        if P.ARRAYS not in content.array_records or P.METRICS not in content.metric_records:
+            return "reply lacks its 'arrays' or 'metrics' record", {}
+        arrays, metrics = content[P.ARRAYS], content[P.METRICS]
+        for key in (P.NUM_EXAMPLES, P.DP_STEPS, P.DP_NOISE_MULTIPLIER, P.DP_SAMPLE_RATE, P.MASK_VERSION):
+            if key not in metrics:
+                return f"metrics lack '{key}'", {}
+        if P.UPDATE not in arrays:
+            return f"arrays lack '{P.UPDATE}'", {}
+        n_ex = metrics[P.NUM_EXAMPLES]
+        if not isinstance(n_ex, int) or n_ex <= 0:
+            return f"num-examples must be a positive integer, got {n_ex!r}", {}
+        if int(metrics[P.MASK_VERSION]) != sent.mask_version:
+            return (
+                f"update was made for mask version {metrics[P.MASK_VERSION]}, not {sent.mask_version} "
+                "(values outside the current mask)",
+                {},
+            )
+        if self.cfg.private:
+            reported = (float(metrics[P.DP_NOISE_MULTIPLIER]), float(metrics[P.DP_SAMPLE_RATE]), int(metrics[P.DP_STEPS]))
+            planned = (sent.phase.noise_multiplier, sent.phase.sample_rate, sent.phase.steps)
+            if not np.allclose(reported, planned, rtol=1e-9, atol=0):
+                return f"client reports DP events {reported}, planned {planned}", {}
+        try:
+            update = arrays[P.UPDATE].numpy()
+        except Exception as exc:  # undecodable payload
+            return f"update cannot be decoded: {exc}", {}
+        if update.ndim != 1 or update.shape[0] != sent.expected_len:
+            return (
+                f"update has shape {tuple(update.shape)}, expected ({sent.expected_len},) "
+                "(the active coordinates of the mask)",
+                {},
+            )
+        if not np.issubdtype(update.dtype, np.floating):
+            return f"update has dtype {update.dtype}, expected a float type", {}
+        if not np.all(np.isfinite(update)):
+            return "update contains NaN or inf", {}
+        parsed = {"update": update, "weight": float(n_ex), "up_bytes": arrays.count_bytes()}
+        if sent.phase_name == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
+            for key in (P.IMPORTANCE_TOTAL, P.IMPORTANCE_NOISE_VAR):
+                if key not in arrays:
+                    return f"importance round reply lacks '{key}'", {}
+                arr = arrays[key].numpy()
+                if arr.shape != (self.d,) or not np.all(np.isfinite(arr)):
+                    return f"'{key}' must be {self.d} finite values", {}
+            steps = int(metrics.get(P.IMPORTANCE_STEPS, 0))
+            if steps <= 0:
+                return "importance round reply has no importance steps", {}
+            parsed["importance"] = importance_scores(
+                torch.from_numpy(arrays[P.IMPORTANCE_TOTAL].numpy().astype(np.float64)),
+                torch.from_numpy(arrays[P.IMPORTANCE_NOISE_VAR].numpy().astype(np.float64)),
+                steps,
+                self.cfg.importance,
+            )
+        return None, parsed
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, rejected, failed = [], 0, 0
+        seen: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            reason, parsed = self.validate_reply(msg)
+            if reason is None and node in seen:
+                reason = "duplicate reply"
+            seen.add(node)
+            if reason is not None:
+                is_failure = msg.has_error()
+                failed += int(is_failure)
+                rejected += int(not is_failure)
+                self.rejections.append({"round": server_round, "node": node, "reason": reason})
+                log(WARNING, "round %d: %s update from node %s: %s", server_round,
+                    "no" if is_failure else "rejected", node, reason)
+                continue
+            valid.append(parsed)
+        missing = len(self.sent) - len(seen)
+        failed += missing
+        metrics = {
+            "clients-sent": len(self.sent),
+            "clients-valid": len(valid),
+            "rejected": rejected,
+            "failed": failed,
+            "bytes-down": float(sum(s.down_bytes for s in self.sent.values())),
+            "bytes-up": float(sum(v["up_bytes"] for v in valid)),
+        }
+        if not valid:
+            log(WARNING, "round %d: no valid update; the global model is unchanged", server_round)
+            return None, MetricRecord(metrics)
+        assert self.current_flat is not None
+        delta = aggregate_sparse([v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d)
+        new_flat = self.current_flat + delta
+        load_flat_parameters(self.model, new_flat)
+        if self.phase_of(server_round) == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
+            for v in valid:
+                self.importance_sum += v["weight"] * v["importance"]
+                self.importance_weight += v["weight"]
+        log(INFO, "round %d: aggregated %d/%d updates", server_round, len(valid), len(self.sent))
+        return ArrayRecord(self.model.state_dict()), MetricRecord(metrics)
+
+    # ----- evaluate ----------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        if self.fed.fraction_evaluate <= 0:
+            return []
+        try:
+            nodes = self.sample(grid, self.fed.fraction_evaluate, 1)
+        except RoundError:
+            return []
+        rc = ConfigRecord({P.SERVER_ROUND: server_round, P.TRAIN_CONFIG: self.train_config_json})
+        return [
+            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: rc}), dst_node_id=n,
+                    message_type=MessageType.EVALUATE, group_id=str(server_round))
+            for n in nodes
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        total, acc, loss = 0.0, 0.0, 0.0
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "round %d: evaluation failed on node %s: %s", server_round,
+                    msg.metadata.src_node_id, msg.error.reason)
+                continue
+            m = msg.content.metric_records.get(P.METRICS)
+            if m is None or P.VAL_ACCURACY not in m or P.NUM_EXAMPLES not in m:
+                continue
+            w = float(m[P.NUM_EXAMPLES])
+            a, lo = float(m[P.VAL_ACCURACY]), float(m.get(P.VAL_LOSS, 0.0))
+            if w <= 0 or not (0.0 <= a <= 1.0) or not math.isfinite(lo):
+                continue
+            total += w
+            acc += w * a
+            loss += w * lo
+        if total == 0:
+            return None
+        return MetricRecord({P.VAL_ACCURACY: acc / total, P.VAL_LOSS: loss / total, "num-examples": int(total)})
