@@ -8,10 +8,11 @@ DESIGN.md §2, Phase 2 step 6, computed from the *released* gradient only::
     a  = m,   b_j = base * w_j,   w_j ∝ s_j^(1/4) ("optimal") or s_j^(1/2) ("sqrt")
 
 Both averages are bias-corrected (as in Adam). ``w`` is normalised to mean(w^2) = 1 over
-the active coordinates, so with uniform statistics the standardized clip
-``adaptive_clip_norm`` at ``base = clip_norm / adaptive_clip_norm`` is exactly the flat
-DP-SGD clip ``clip_norm``; adaptivity only redistributes the clipping budget and noise
-across coordinates (s^(1/4) minimises the expected noise, AdaCliP Thm. 3).
+the active coordinates (``base`` = 1 in training), so with uniform statistics the clip
+``C`` of standardized rows is exactly the flat DP-SGD clip and the total noise energy is
+DP-SGD's; adaptivity only redistributes clipping budget and noise across coordinates
+(s^(1/4) minimises the expected noise, AdaCliP Thm. 3). A separate clip norm for the
+standardized rows would be redundant: scaling C and b together changes nothing.
 """
 
 from __future__ import annotations

@@ -120,9 +120,9 @@ class TrainConfig:
     # sampling: expected batch size (q = batch_size / n) unless sample_rate is given
     batch_size: int = 512
     sample_rate: float | None = None
-    # clipping: flat L2 clip (dpsgd, pre-training) and clip of standardized rows (phase 2)
+    # clipping: L2 clip of per-sample rows; in phase 2 of rows standardized by the AdaCliP
+    # statistics, whose scale is normalised (mean(b^2) = 1) so C keeps its raw-gradient units
     clip_norm: float = 0.1
-    adaptive_clip_norm: float = 1.0
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.5
@@ -190,7 +190,6 @@ class TrainConfig:
         if self.sample_rate is not None:
             _number("sample-rate", self.sample_rate, lo=0.0, hi=1.0, lo_open=True)
         _number("clip-norm", self.clip_norm, lo=0.0, lo_open=True)
-        _number("adaptive-clip-norm", self.adaptive_clip_norm, lo=0.0, lo_open=True)
         _number("lr", self.lr, lo=0.0, lo_open=True)
         _number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
         _number("epochs", self.epochs, lo=1, integer=True)

@@ -8,7 +8,7 @@
   for its pre-training phase, which also feeds the importance scores and the AdaCliP
   statistics (from released gradients only).
 - ``adaptive``: AdaDPIGU Phase 2: standardize with the AdaCliP statistics on the active
-  coordinates, clip to ``adaptive_clip_norm``, noise, restore; frozen coordinates get
+  coordinates, clip to ``clip_norm``, noise, restore; frozen coordinates get
   neither noise nor update.
 
 The federated client and the centralized trainer both drive this class.
@@ -214,13 +214,12 @@ class DPEngine:
         if mode == "adaptive":
             if self.stats is None:
                 raise RuntimeError(f"method {cfg.method} has no adaptive clipping statistics")
-            base = cfg.clip_norm / cfg.adaptive_clip_norm
             acc = SegmentAccumulator(
                 self.sizes,
-                clip_norm=cfg.adaptive_clip_norm,
+                clip_norm=cfg.clip_norm,
                 mask=self.mask,
                 center=self.stats.center(),
-                scale=self.stats.scale(self.mask, base),
+                scale=self.stats.scale(self.mask, 1.0),
                 device=self.device,
             )
         else:

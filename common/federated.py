@@ -134,7 +134,9 @@ def local_round(
     start = torch.cat([p.detach().reshape(-1) for p in engine.params]).clone()
     losses = []
     for _ in range(steps):
-        res = engine.step(data, mode=mode, noise_multiplier=noise_multiplier, update_importance=update_importance)
+        res = engine.step(
+            data, mode=mode, noise_multiplier=noise_multiplier, update_importance=update_importance
+        )
         losses.append(res.loss)
     end = torch.cat([p.detach().reshape(-1) for p in engine.params])
     mean_loss = float(np.mean(losses)) if losses else math.nan

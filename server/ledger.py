@@ -92,7 +92,9 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
-        ledger = cls(delta=data["delta"], accountant=data["accountant"], target_epsilon=data["target_epsilon"])
+        ledger = cls(
+            delta=data["delta"], accountant=data["accountant"], target_epsilon=data["target_epsilon"]
+        )
         for c, entry in data["clients"].items():
             t = ledger._tracker(c)
             t.phases = [Phase(p["noise_multiplier"], p["sample_rate"], p["steps"]) for p in entry["phases"]]

@@ -42,13 +42,17 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         if len(nodes) >= minimum:
             return nodes
         if time.time() > deadline:
-            raise RoundError(f"only {len(nodes)} of the {minimum} required clients connected within {timeout:g}s")
+            raise RoundError(
+                f"only {len(nodes)} of the {minimum} required clients connected within {timeout:g}s"
+            )
         time.sleep(0.5)
 
 
 def fed_run_dir(cfg: TrainConfig, fed: FederatedConfig) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    eps = "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
+    eps = (
+        "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
+    )
     return os.path.join(cfg.out_dir, f"{stamp}-fed-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}")
 
 
@@ -65,7 +69,9 @@ def run_federated(
     t0 = time.time()
     run_dir = run_dir or fed_run_dir(cfg, fed)
     os.makedirs(run_dir, exist_ok=True)
-    write_json_atomic(os.path.join(run_dir, "config.json"), {"train": cfg.to_dict(), "federated": fed.to_dict()})
+    write_json_atomic(
+        os.path.join(run_dir, "config.json"), {"train": cfg.to_dict(), "federated": fed.to_dict()}
+    )
     with open(os.path.join(run_dir, "command.txt"), "w") as fh:
         fh.write((command or federated_command(cfg, fed)) + "\n")
 
@@ -78,15 +84,26 @@ def run_federated(
     strategy = AdaDPIGUStrategy(cfg, fed, model=model, ledger=ledger)
 
     nodes = wait_for_nodes(grid, fed.min_available_nodes, fed.startup_timeout)
+    t_nodes = time.time()
     query = ConfigRecord({P.TRAIN_CONFIG: strategy.train_config_json})
     replies = grid.send_and_receive(
-        [Message(RecordDict({P.CONFIG: query}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes],
+        [
+            Message(RecordDict({P.CONFIG: query}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes
+        ],
         timeout=fed.startup_timeout,
     )
     strategy.register_silos(replies)
+    t_query = time.time()
     if len(strategy.silos) < fed.min_train_nodes:
-        raise RoundError(f"{len(strategy.silos)} clients registered; min-train-nodes is {fed.min_train_nodes}")
+        raise RoundError(
+            f"{len(strategy.silos)} clients registered; min-train-nodes is {fed.min_train_nodes}"
+        )
     strategy.calibrate()
+    log_fn(
+        f"[setup] {len(nodes)} nodes after {t_nodes - t0:.1f}s; silo query {t_query - t_nodes:.1f}s; "
+        f"noise calibration {time.time() - t_query:.1f}s"
+    )
     plans = {
         s.name: {
             "n_train": s.n_train,
@@ -108,8 +125,17 @@ def run_federated(
     arrays = ArrayRecord(model.state_dict())
     rows: list[dict] = []
     test_loss, test_acc = evaluate(strategy.model, test)
-    rows.append({"round": 0, "phase": "init", "retention_ratio": 1.0, "test_accuracy": test_acc,
-                 "test_loss": test_loss, "max_epsilon": 0.0, "mean_epsilon": 0.0})
+    rows.append(
+        {
+            "round": 0,
+            "phase": "init",
+            "retention_ratio": 1.0,
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "max_epsilon": 0.0,
+            "mean_epsilon": 0.0,
+        }
+    )
     log_fn(f"[round   0] init test acc {test_acc:.4f}")
     best = {"round": 0, "val_accuracy": -1.0}
     best_state = copy.deepcopy(model.state_dict())
@@ -140,8 +166,11 @@ def run_federated(
             )
             val = strategy.aggregate_evaluate(rnd, ev_replies)
         val_acc = float(val[P.VAL_ACCURACY]) if val is not None else math.nan
-        eps = ledger.summary(s.name for s in strategy.silos.values()) if cfg.private else {
-            "max_epsilon": math.inf, "mean_epsilon": math.inf}
+        eps = (
+            ledger.summary(s.name for s in strategy.silos.values())
+            if cfg.private
+            else {"max_epsilon": math.inf, "mean_epsilon": math.inf}
+        )
         n_sent = max(int(agg_d.get("clients-sent", 0)), 1)
         row = {
             "round": rnd,
@@ -158,7 +187,8 @@ def run_federated(
             "rejected_updates": int(agg_d.get("rejected", 0)),
             "failed_clients": int(agg_d.get("failed", 0)),
             "bytes_down_per_client": float(agg_d.get("bytes-down", 0.0)) / n_sent,
-            "bytes_up_per_client": float(agg_d.get("bytes-up", 0.0)) / max(int(agg_d.get("clients-valid", 0)), 1),
+            "bytes_up_per_client": float(agg_d.get("bytes-up", 0.0))
+            / max(int(agg_d.get("clients-valid", 0)), 1),
             "dense_bytes": 4 * strategy.d,
             "seconds": time.time() - t_round,
         }
@@ -196,7 +226,9 @@ def run_federated(
         "test_accuracy_best_val": best_test,
         "test_accuracy_final": rows[-1]["test_accuracy"],
         "initial_test_accuracy": rows[0]["test_accuracy"],
-        "rejected_updates": len([r for r in strategy.rejections if not r["reason"].startswith("client error")]),
+        "rejected_updates": len(
+            [r for r in strategy.rejections if not r["reason"].startswith("client error")]
+        ),
         "seed": cfg.seed if cfg.seeded else None,
         "seconds": time.time() - t0,
         "run_dir": run_dir,

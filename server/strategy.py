@@ -110,7 +110,12 @@ class AdaDPIGUStrategy(FedAvg):
         """Record each node's silo (from the query round) and its DP plan."""
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "node %s did not answer the query: %s", msg.metadata.src_node_id, msg.error.reason)
+                log(
+                    WARNING,
+                    "node %s did not answer the query: %s",
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
                 continue
             m = msg.content[P.METRICS]
             pid = int(m[P.PARTITION_ID])
@@ -183,7 +188,10 @@ class AdaDPIGUStrategy(FedAvg):
         nodes = self.sample(grid, self.fed.fraction_train, self.fed.min_train_nodes)
         phase = self.phase_of(server_round)
         if self.cfg.private:
-            planned = {self.silos[n].name: self.silos[n].plan.round_phase(self.silos[n].noise_multiplier) for n in nodes}
+            planned = {
+                self.silos[n].name: self.silos[n].plan.round_phase(self.silos[n].noise_multiplier)
+                for n in nodes
+            }
             self.ledger.check_round(planned)  # raises BudgetError before anything is sent
         self._update_mask(server_round)
         self.current_flat = self._flat_of(arrays)
@@ -221,7 +229,9 @@ class AdaDPIGUStrategy(FedAvg):
             self.sent[n] = Sent(
                 silo=silo,
                 phase_name=phase,
-                phase=silo.plan.round_phase(silo.noise_multiplier) if self.cfg.private else Phase(1.0, 1.0, 0),
+                phase=silo.plan.round_phase(silo.noise_multiplier)
+                if self.cfg.private
+                else Phase(1.0, 1.0, 0),
                 mask_version=self.mask_version,
                 expected_len=expected_len,
                 down_bytes=down,
@@ -266,7 +276,11 @@ class AdaDPIGUStrategy(FedAvg):
                 {},
             )
         if self.cfg.private:
-            reported = (float(metrics[P.DP_NOISE_MULTIPLIER]), float(metrics[P.DP_SAMPLE_RATE]), int(metrics[P.DP_STEPS]))
+            reported = (
+                float(metrics[P.DP_NOISE_MULTIPLIER]),
+                float(metrics[P.DP_SAMPLE_RATE]),
+                int(metrics[P.DP_STEPS]),
+            )
             planned = (sent.phase.noise_multiplier, sent.phase.sample_rate, sent.phase.steps)
             if not np.allclose(reported, planned, rtol=1e-9, atol=0):
                 return f"client reports DP events {reported}, planned {planned}", {}
@@ -319,8 +333,14 @@ class AdaDPIGUStrategy(FedAvg):
                 failed += int(is_failure)
                 rejected += int(not is_failure)
                 self.rejections.append({"round": server_round, "node": node, "reason": reason})
-                log(WARNING, "round %d: %s update from node %s: %s", server_round,
-                    "no" if is_failure else "rejected", node, reason)
+                log(
+                    WARNING,
+                    "round %d: %s update from node %s: %s",
+                    server_round,
+                    "no" if is_failure else "rejected",
+                    node,
+                    reason,
+                )
                 continue
             valid.append(parsed)
         missing = len(self.sent) - len(seen)
@@ -337,7 +357,9 @@ class AdaDPIGUStrategy(FedAvg):
             log(WARNING, "round %d: no valid update; the global model is unchanged", server_round)
             return None, MetricRecord(metrics)
         assert self.current_flat is not None
-        delta = aggregate_sparse([v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d)
+        delta = aggregate_sparse(
+            [v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d
+        )
         new_flat = self.current_flat + delta
         load_flat_parameters(self.model, new_flat)
         if self.phase_of(server_round) == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
@@ -359,8 +381,12 @@ class AdaDPIGUStrategy(FedAvg):
             return []
         rc = ConfigRecord({P.SERVER_ROUND: server_round, P.TRAIN_CONFIG: self.train_config_json})
         return [
-            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: rc}), dst_node_id=n,
-                    message_type=MessageType.EVALUATE, group_id=str(server_round))
+            Message(
+                RecordDict({P.ARRAYS: arrays, P.CONFIG: rc}),
+                dst_node_id=n,
+                message_type=MessageType.EVALUATE,
+                group_id=str(server_round),
+            )
             for n in nodes
         ]
 
@@ -368,8 +394,13 @@ class AdaDPIGUStrategy(FedAvg):
         total, acc, loss = 0.0, 0.0, 0.0
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "round %d: evaluation failed on node %s: %s", server_round,
-                    msg.metadata.src_node_id, msg.error.reason)
+                log(
+                    WARNING,
+                    "round %d: evaluation failed on node %s: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
                 continue
             m = msg.content.metric_records.get(P.METRICS)
             if m is None or P.VAL_ACCURACY not in m or P.NUM_EXAMPLES not in m:
@@ -383,4 +414,6 @@ class AdaDPIGUStrategy(FedAvg):
             loss += w * lo
         if total == 0:
             return None
-        return MetricRecord({P.VAL_ACCURACY: acc / total, P.VAL_LOSS: loss / total, "num-examples": int(total)})
+        return MetricRecord(
+            {P.VAL_ACCURACY: acc / total, P.VAL_LOSS: loss / total, "num-examples": int(total)}
+        )

@@ -15,7 +15,9 @@ from common.errors import ConfigError
 
 def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(FederatedConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f"fed_{f.name}", default=None, metavar="VALUE")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f"fed_{f.name}", default=None, metavar="VALUE"
+        )
 
 
 def _fed_from_args(args: argparse.Namespace) -> FederatedConfig:
@@ -23,8 +25,16 @@ def _fed_from_args(args: argparse.Namespace) -> FederatedConfig:
     return FederatedConfig.from_mapping(values)
 
 
-def simulate(cfg, fed: FederatedConfig, *, num_supernodes: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
-             ray_num_cpus: int | None = None, command: str | None = None) -> dict | None:
+def simulate(
+    cfg,
+    fed: FederatedConfig,
+    *,
+    num_supernodes: int,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    ray_num_cpus: int | None = None,
+    command: str | None = None,
+) -> dict | None:
     """Run the federated system in Flower's simulation runtime (Ray backend) from Python."""
     if num_supernodes < 1:
         raise ConfigError("num-supernodes", num_supernodes, "must be >= 1")

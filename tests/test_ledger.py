@@ -1,0 +1,69 @@
+"""The server's privacy ledger against direct dp-accounting computations."""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+from dp_accounting import pld
+
+from common.accounting import Phase
+from common.config import FederatedConfig, TrainConfig
+from common.errors import BudgetError
+from common.federated import ClientPlan
+from server.ledger import PrivacyLedger
+
+
+def test_ledger_composition_equals_direct_dp_accounting():
+    ledger = PrivacyLedger(delta=1e-5, accountant="pld", target_epsilon=None)
+    rounds = [Phase(1.2, 0.05, 20), Phase(1.2, 0.05, 20), Phase(0.9, 0.05, 20)]
+    for r, ph in enumerate(rounds, start=1):
+        ledger.record("silo-0", r, ph)
+    ledger.record("silo-1", 1, rounds[0])  # took part in one round only
+    acc = pld.PLDAccountant()
+    acc.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.2)), 40
+                ),
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(0.9)), 20
+                ),
+            ]
+        )
+    )
+    assert ledger.epsilon("silo-0") == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert ledger.epsilon("silo-1") < ledger.epsilon("silo-0")
+    s = ledger.summary()
+    assert s["max_epsilon"] == ledger.epsilon("silo-0")
+    assert s["mean_epsilon"] == pytest.approx((ledger.epsilon("silo-0") + ledger.epsilon("silo-1")) / 2)
+    assert [h["round"] for h in ledger.history["silo-0"]] == [1, 2, 3]
+    restored = PrivacyLedger.from_dict(ledger.to_dict())
+    assert restored.epsilon("silo-0") == ledger.epsilon("silo-0")
+
+
+def test_budget_check_stops_a_round_that_would_overspend():
+    ledger = PrivacyLedger(delta=1e-5, accountant="rdp", target_epsilon=1.0)
+    ph = Phase(1.0, 0.1, 50)
+    ok = ledger.check_round({"silo-0": Phase(5.0, 0.1, 10)})
+    assert ok["silo-0"] < 1.0
+    ledger.record("silo-0", 1, Phase(5.0, 0.1, 10))
+    with pytest.raises(BudgetError, match=r"silo-0.*stopping before it"):
+        ledger.check_round({"silo-0": ph, "silo-1": Phase(50.0, 0.1, 1)})
+    assert len(ledger.history["silo-0"]) == 1  # the refused round was not recorded
+
+
+def test_calibration_keeps_every_round_participant_within_target():
+    cfg = TrainConfig(method="dpsgd", epsilon=3.0, batch_size=32, accountant="pld")
+    fed = FederatedConfig(num_server_rounds=8, local_epochs=1.0)
+    from common.accounting import calibrate_noise
+
+    plan = ClientPlan.for_silo(cfg, fed, n_train=640)
+    sigma = calibrate_noise(3.0, cfg.delta, plan.sample_rate, plan.local_steps * fed.num_server_rounds)
+    ledger = PrivacyLedger(delta=cfg.delta, accountant="pld", target_epsilon=3.0)
+    for r in range(1, fed.num_server_rounds + 1):
+        ledger.check_round({"silo-0": plan.round_phase(sigma)})
+        ledger.record("silo-0", r, plan.round_phase(sigma))
+    assert 0.98 * 3.0 <= ledger.epsilon("silo-0") <= 3.0
+    with pytest.raises(BudgetError):
+        ledger.check_round({"silo-0": plan.round_phase(sigma)})
