@@ -144,7 +144,11 @@ def reproduce_command(cfg: TrainConfig, subcommand: str = "train") -> str:
 
 
 def train_centralized(
-    cfg: TrainConfig, *, log: Callable[[str], None] = print, command: str | None = None
+    cfg: TrainConfig,
+    *,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+    run_dir: str | None = None,
 ) -> dict:
     """Run centralized training; returns the summary (also written to the run folder)."""
     if cfg.seeded:
@@ -173,7 +177,7 @@ def train_centralized(
         sampling_generator=make_generator(cfg.seed, "central", "sampling", device=device),
     )
     train_data = splits.train.to(device)
-    run_dir = os.path.join(cfg.out_dir, run_dir_name(cfg))
+    run_dir = run_dir or os.path.join(cfg.out_dir, run_dir_name(cfg))
     os.makedirs(run_dir, exist_ok=True)
     write_json_atomic(os.path.join(run_dir, "config.json"), cfg.to_dict())
     write_json_atomic(os.path.join(run_dir, "plan.json"), asdict(plan))

@@ -7,6 +7,7 @@ settings fixed in Python (used by ``adadpigu simulate``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from logging import ERROR
 
@@ -27,6 +28,9 @@ def _run_guarded(grid: Grid, cfg: TrainConfig, fed: FederatedConfig, **kwargs) -
         return None
 
 
+# Flower's logger has its own console handler; do not print every line twice via the root logger.
+logging.getLogger("flwr").propagate = False
+
 app = ServerApp()
 
 
@@ -45,6 +49,7 @@ def make_server_app(
     fed: FederatedConfig,
     *,
     command: str | None = None,
+    run_dir: str | None = None,
     on_done: Callable[[dict | None], None] | None = None,
 ) -> ServerApp:
     """A ServerApp with fixed settings; ``on_done`` receives the run summary."""
@@ -52,7 +57,7 @@ def make_server_app(
 
     @fixed.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary = _run_guarded(grid, cfg, fed, command=command)
+        summary = _run_guarded(grid, cfg, fed, command=command, run_dir=run_dir)
         if on_done is not None:
             on_done(summary)
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 
 from common.config import FederatedConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 
 
 def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def simulate(
     num_gpus: float = 0.0,
     ray_num_cpus: int | None = None,
     command: str | None = None,
+    run_dir: str | None = None,
 ) -> dict | None:
     """Run the federated system in Flower's simulation runtime (Ray backend) from Python."""
     if num_supernodes < 1:
@@ -60,7 +61,7 @@ def simulate(
     from server.app import make_server_app
 
     holder: list[dict | None] = []
-    server_app = make_server_app(cfg, fed, command=command, on_done=holder.append)
+    server_app = make_server_app(cfg, fed, command=command, run_dir=run_dir, on_done=holder.append)
     init_args = {"num_cpus": int(ray_num_cpus or os.cpu_count() or 1)}
     if num_gpus > 0:
         init_args["num_gpus"] = 1
@@ -97,7 +98,44 @@ def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from simulations.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.file)
+    if args.dry_run:
+        for cell in sweep.cells():
+            print(json.dumps(cell))
+        return 0
+    rows = run_sweep(sweep)
+    print(f"{len(rows)} runs collected in {sweep.out_dir}/results.csv and results.md")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from simulations.sweep import collect, write_tables
+
+    rows = collect(args.dir)
+    if not rows:
+        raise UserError(f"no finished runs (summary.json) under {args.dir}")
+    group = [g for g in args.group.split(",") if g]
+    csv_path, md_path = write_tables(rows, args.out or args.dir, group)
+    print(open(md_path).read(), end="")
+    print(f"({len(rows)} runs; {csv_path})")
+    return 0
+
+
 def register(sub, add_config_flags, config_from_args) -> None:
+    p = sub.add_parser("sweep", help="run a grid of experiments from a TOML file (resumable)")
+    p.add_argument("file")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables (CSV, Markdown) from a folder of finished runs")
+    p.add_argument("dir")
+    p.add_argument("--group", default="method,dataset,epsilon", help="comma-separated settings to group by")
+    p.add_argument("--out", default=None, help="folder for results.csv / results.md (default: DIR)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("simulate", help="federated simulation with Flower's Ray backend")
     add_config_flags(p)
     _add_fed_flags(p)

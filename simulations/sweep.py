@@ -1,0 +1,226 @@
+"""Experiment sweeps: a grid of runs from one TOML file, resumable, collected into tables.
+
+A sweep file::
+
+    [sweep]
+    name = "central-mnist"
+    mode = "central"            # or "federated"
+    out-dir = "results/central-mnist"
+    num-supernodes = 10         # federated only
+    [base]                      # any setting of TrainConfig / FederatedConfig
+    epochs = 40
+    [grid]                      # every combination is one run
+    method = ["adadpigu", "dpsgd"]
+    epsilon = [3.0, 8.0]
+    seed = [0, 1, 2]
+
+``adadpigu sweep FILE`` runs the cells in sequence, skipping those already finished
+(a cell is finished when its folder holds ``summary.json``), then writes ``results.csv``
+(one row per run) and ``results.md`` (mean ± std over seeds). ``adadpigu report DIR``
+builds the same tables from any folder of run folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import math
+import os
+import statistics
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+from common.config import FederatedConfig, TrainConfig
+from common.errors import ConfigError, UserError
+
+# summary.json key -> results column
+SUMMARY_KEYS = {
+    "test_accuracy_best_val": "test_accuracy_best_val",
+    "test_accuracy_final": "test_accuracy_final",
+    "best_val_accuracy": "best_val_accuracy",
+    "epsilon": "epsilon_spent",  # centralized
+    "max_epsilon": "epsilon_spent",  # federated: the largest over clients
+    "rounds_completed": "rounds_completed",
+    "seconds": "seconds",
+}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    mode: str
+    out_dir: str
+    base: dict
+    grid: dict
+    num_supernodes: int = 10
+    num_cpus: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def cells(self) -> list[dict]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+
+def load_sweep(path: str) -> Sweep:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"sweep file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"sweep file {path} is not valid TOML: {exc}") from None
+    head = data.get("sweep", {})
+    mode = head.get("mode", "central")
+    if mode not in ("central", "federated"):
+        raise ConfigError("sweep.mode", mode, "allowed: central, federated")
+    grid = data.get("grid", {})
+    if not grid:
+        raise ConfigError("grid", grid, "a sweep needs at least one [grid] key with a list of values")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"grid.{k}", v, "must be a non-empty list")
+    sweep = Sweep(
+        name=str(head.get("name", os.path.splitext(os.path.basename(path))[0])),
+        mode=mode,
+        out_dir=str(head.get("out-dir", os.path.join("results", head.get("name", "sweep")))),
+        base=dict(data.get("base", {})),
+        grid=grid,
+        num_supernodes=int(head.get("num-supernodes", 10)),
+        num_cpus=float(head.get("num-cpus", 1.0)),
+    )
+    for cell in sweep.cells():  # validate every cell before running anything
+        configs_for(sweep, cell)
+    return sweep
+
+
+def configs_for(sweep: Sweep, cell: dict) -> tuple[TrainConfig, FederatedConfig]:
+    values = {**sweep.base, **cell}
+    train_keys = {f.name.replace("_", "-") for f in fields(TrainConfig)}
+    fed_keys = {f.name.replace("_", "-") for f in fields(FederatedConfig)}
+    unknown = set(values) - train_keys - fed_keys
+    if unknown:
+        k = sorted(unknown)[0]
+        raise ConfigError(k, values[k], "unknown setting")
+    cfg = TrainConfig.from_mapping({k: v for k, v in values.items() if k in train_keys})
+    fed = FederatedConfig.from_mapping({k: v for k, v in values.items() if k in fed_keys})
+    if sweep.mode == "federated":
+        fed.importance_rounds_for(cfg)
+    return cfg, fed
+
+
+def cell_dir(sweep: Sweep, cell: dict) -> str:
+    label = "-".join(f"{k}={cell[k]}" for k in cell)
+    digest = hashlib.sha256(json.dumps({**sweep.base, **cell}, sort_keys=True).encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "=.-_" else "_" for c in label)
+    return os.path.join(sweep.out_dir, f"{safe}-{digest}")
+
+
+def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> list[dict]:
+    cells = sweep.cells()
+    os.makedirs(sweep.out_dir, exist_ok=True)
+    for i, cell in enumerate(cells, start=1):
+        target = cell_dir(sweep, cell)
+        if os.path.exists(os.path.join(target, "summary.json")):
+            log(f"[sweep {i}/{len(cells)}] done already: {cell}")
+            continue
+        cfg, fed = configs_for(sweep, cell)
+        cfg = cfg.replace(out_dir=target)
+        log(f"[sweep {i}/{len(cells)}] running {cell}")
+        t0 = time.time()
+        if sweep.mode == "central":
+            from common.trainer import train_centralized
+
+            summary = train_centralized(cfg, log=lambda s: None, run_dir=target)
+        else:
+            from simulations.commands import simulate
+
+            summary = simulate(
+                cfg, fed, num_supernodes=sweep.num_supernodes, num_cpus=sweep.num_cpus, run_dir=target
+            )
+            if summary is None:
+                raise UserError(f"federated cell {cell} did not complete; see the log")
+        log(
+            f"[sweep {i}/{len(cells)}] {cell}: test accuracy {summary.get('test_accuracy_best_val'):.4f} "
+            f"in {time.time() - t0:.0f}s"
+        )
+    rows = collect(sweep.out_dir)
+    write_tables(rows, sweep.out_dir, group=[k for k in sweep.grid if k != "seed"])
+    return rows
+
+
+def collect(root: str) -> list[dict]:
+    """One row per run folder under ``root`` (any depth) that has a summary.json."""
+    rows = []
+    for dirpath, _dirs, files in sorted(os.walk(root)):
+        if "summary.json" not in files:
+            continue
+        with open(os.path.join(dirpath, "summary.json")) as fh:
+            summary = json.load(fh)
+        config = {}
+        if os.path.exists(os.path.join(dirpath, "config.json")):
+            with open(os.path.join(dirpath, "config.json")) as fh:
+                config = json.load(fh)
+        flat = {**config.get("train", config), **config.get("federated", {})} if "train" in config else config
+        row = {k: flat.get(k) for k in sorted(flat)}
+        for k, col in SUMMARY_KEYS.items():
+            if summary.get(k) is not None:
+                row[col] = summary[k]
+        row["run_dir"] = dirpath
+        command = os.path.join(dirpath, "command.txt")
+        if os.path.exists(command):
+            row["command"] = open(command).read().strip()
+        rows.append(row)
+    return rows
+
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    mean = statistics.fmean(vals) * scale
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(vals) * scale:.{digits}f}"
+
+
+def table(rows: list[dict], group: list[str]) -> str:
+    """Markdown: one line per group, mean ± std (sample std) over the runs (seeds) in it."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in group), []).append(r)
+    head = [*group, "runs", "test acc % (best val)", "test acc % (final)", "ε spent", "minutes/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def sort_key(item):
+        return tuple((str(type(v)), v if v is not None else 0) for v in item[0])
+
+    for key, runs in sorted(groups.items(), key=sort_key):
+        eps = [r.get("epsilon_spent") for r in runs]
+        eps_s = "∞" if all(e is None for e in eps) else _fmt([e for e in eps if e is not None], 1.0, 3)
+        lines.append(
+            "| " + " | ".join(str(k) for k in key) + f" | {len(runs)} | "
+            f"{_fmt([r.get('test_accuracy_best_val') for r in runs])} | "
+            f"{_fmt([r.get('test_accuracy_final') for r in runs])} | {eps_s} | "
+            f"{_fmt([r.get('seconds') for r in runs], 1 / 60, 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict], out_dir: str, group: list[str]) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "results.csv")
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    md_path = os.path.join(out_dir, "results.md")
+    with open(md_path, "w") as fh:
+        fh.write(table(rows, group))
+    return csv_path, md_path
