@@ -370,7 +370,7 @@ class FederatedConfig:
     min_available_nodes: int = 1
     min_train_nodes: int = 1
     round_timeout: float = 600.0
-    startup_timeout: float = 120.0
+    startup_timeout: float = 600.0
     evaluate_every: int = 1
 
     def __post_init__(self) -> None:

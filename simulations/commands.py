@@ -136,6 +136,19 @@ def register(sub, add_config_flags, config_from_args) -> None:
     p.add_argument("--out", default=None, help="folder for results.csv / results.md (default: DIR)")
     p.set_defaults(func=cmd_report)
 
+    # optional sub-commands living in their own modules (each exposes register(sub, add_config_flags,
+    # config_from_args))
+    import importlib
+
+    for module in ("simulations.deploy", "simulations.plots"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(sub, add_config_flags, config_from_args)
+
     p = sub.add_parser("simulate", help="federated simulation with Flower's Ray backend")
     add_config_flags(p)
     _add_fed_flags(p)
