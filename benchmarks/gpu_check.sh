@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepared GPU check (<= 8 minutes on an H200): step benchmarks on CUDA and a simulation
+# with 50 concurrent clients sharing the one GPU. Writes into ${OUT:-gpu-results}/.
+#   bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-results}"; mkdir -p "$OUT"
+export ADADPIGU_DATA_DIR="${ADADPIGU_DATA_DIR:-$(cd .. && pwd)/shared/data}" FLWR_TELEMETRY_ENABLED=0
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv && . .venv/bin/activate
+  pip install -q torch==2.14.1 torchvision==0.29.1 && pip install -q -e .
+else
+  . .venv/bin/activate
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+timeout 240 python -m benchmarks.bench_step --device cuda --models mnist-cnn cifar-cnn resnet18-gn \
+  --batch-sizes 256 1024 --iters 20 --chunk 256 --json --out "$OUT/bench_step_cuda.json" | tee "$OUT/bench_step_cuda.jsonl"
+# 50 clients, each a 2% share of the GPU, 16 CPU cores for Ray.
+timeout 240 adadpigu simulate --num-supernodes 50 --num-cpus 0.3 --num-gpus 0.02 --ray-num-cpus 16 \
+  --num-server-rounds 3 --importance-rounds 1 --min-available-nodes 50 --min-train-nodes 50 \
+  --batch-size 64 --local-epochs 1 --epsilon 8 --seed 0 --out-dir "$OUT/sim" --json | tail -n 1 | tee "$OUT/sim50.json"

@@ -1,0 +1,33 @@
+"""Benchmarks run in smoke mode so they cannot rot (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_step_smoke_produces_every_row():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_step", "--smoke", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {r["method"] for r in rows} == {"nonprivate", "dpsgd", "adadpigu", "opacus"}
+    for r in rows:
+        for key in (
+            "model",
+            "batch_size",
+            "method",
+            "median_ms",
+            "peak_mb",
+            "ratio_nonprivate",
+            "ratio_opacus",
+        ):
+            assert key in r, key
+        assert r["median_ms"] > 0 and r["peak_mb"] > 0
+    assert next(r for r in rows if r["method"] == "nonprivate")["ratio_nonprivate"] == 1.0
+    assert next(r for r in rows if r["method"] == "opacus")["ratio_opacus"] == 1.0
