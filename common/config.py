@@ -372,6 +372,7 @@ class FederatedConfig:
     round_timeout: float = 600.0
     startup_timeout: float = 600.0
     evaluate_every: int = 1
+    resume: str = ""  # a run folder to continue (its checkpoint.pt and ledger.json)
 
     def __post_init__(self) -> None:
         _number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)

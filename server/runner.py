@@ -56,6 +56,48 @@ def fed_run_dir(cfg: TrainConfig, fed: FederatedConfig) -> str:
     return os.path.join(cfg.out_dir, f"{stamp}-fed-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}")
 
 
+_NOT_RESULT_CHANGING = {"out-dir", "data-dir", "device", "resume", "round-timeout", "startup-timeout"}
+
+
+def config_fingerprint(cfg: TrainConfig, fed: FederatedConfig) -> dict:
+    """The settings a resumed run must share with the run it continues."""
+    merged = {**cfg.to_dict(), **fed.to_dict()}
+    return {k: v for k, v in merged.items() if k not in _NOT_RESULT_CHANGING}
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: write then rename, so a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir: str, cfg: TrainConfig, fed: FederatedConfig) -> tuple[dict, PrivacyLedger]:
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(f"resume: {path} does not exist (no round of that run finished)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"resume: {path} cannot be read: {exc}") from None
+    old, new = ckpt["fingerprint"], config_fingerprint(cfg, fed)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+        raise UserError(
+            f"resume: the settings differ from the run in {run_dir} ({shown}); refusing to continue"
+        )
+    ledger_path = os.path.join(run_dir, "ledger.json")
+    try:
+        with open(ledger_path) as fh:
+            ledger = PrivacyLedger.from_dict(json.load(fh))  # write-ahead: may include an interrupted round
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(
+            f"resume: the ledger {ledger_path} cannot be read ({exc}); refusing to continue"
+        ) from None
+    return ckpt, ledger
+
+
 def run_federated(
     grid: Grid,
     cfg: TrainConfig,
@@ -67,13 +109,18 @@ def run_federated(
 ) -> dict:
     """Run the whole federated training; returns the summary (also in the run folder)."""
     t0 = time.time()
+    ckpt = None
+    if fed.resume:
+        run_dir = fed.resume
+        ckpt, resumed_ledger = load_checkpoint(run_dir, cfg, fed)
     run_dir = run_dir or fed_run_dir(cfg, fed)
     os.makedirs(run_dir, exist_ok=True)
-    write_json_atomic(
-        os.path.join(run_dir, "config.json"), {"train": cfg.to_dict(), "federated": fed.to_dict()}
-    )
-    with open(os.path.join(run_dir, "command.txt"), "w") as fh:
-        fh.write((command or federated_command(cfg, fed)) + "\n")
+    if ckpt is None:
+        write_json_atomic(
+            os.path.join(run_dir, "config.json"), {"train": cfg.to_dict(), "federated": fed.to_dict()}
+        )
+        with open(os.path.join(run_dir, "command.txt"), "w") as fh:
+            fh.write((command or federated_command(cfg, fed)) + "\n")
 
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
     model = build_model(cfg.resolved_model(), cfg.dataset)
@@ -81,6 +128,9 @@ def run_federated(
     ledger = PrivacyLedger(
         delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
     )
+    if ckpt is not None:
+        ledger = resumed_ledger
+        model.load_state_dict(ckpt["model"])
     strategy = AdaDPIGUStrategy(cfg, fed, model=model, ledger=ledger)
 
     nodes = wait_for_nodes(grid, fed.min_available_nodes, fed.startup_timeout)
@@ -100,6 +150,14 @@ def run_federated(
             f"{len(strategy.silos)} clients registered; min-train-nodes is {fed.min_train_nodes}"
         )
     strategy.calibrate()
+    if ckpt is not None:
+        strategy.load_state(ckpt["strategy"])
+        now = {s.name: s.noise_multiplier for s in strategy.silos.values()}
+        if now != ckpt["strategy"]["noise"]:
+            raise UserError(
+                "resume: the silos or their sizes changed since the checkpoint (noise multipliers "
+                f"{ckpt['strategy']['noise']} -> {now}); refusing to continue"
+            )
     log_fn(
         f"[setup] {len(nodes)} nodes after {t_nodes - t0:.1f}s; silo query {t_query - t_nodes:.1f}s; "
         f"noise calibration {time.time() - t_query:.1f}s"
@@ -123,24 +181,38 @@ def run_federated(
     )
 
     arrays = ArrayRecord(model.state_dict())
-    rows: list[dict] = []
-    test_loss, test_acc = evaluate(strategy.model, test)
-    rows.append(
-        {
-            "round": 0,
-            "phase": "init",
-            "retention_ratio": 1.0,
-            "test_accuracy": test_acc,
-            "test_loss": test_loss,
-            "max_epsilon": 0.0,
-            "mean_epsilon": 0.0,
-        }
-    )
-    log_fn(f"[round   0] init test acc {test_acc:.4f}")
-    best = {"round": 0, "val_accuracy": -1.0}
-    best_state = copy.deepcopy(model.state_dict())
+    if ckpt is None:
+        rows: list[dict] = []
+        test_loss, test_acc = evaluate(strategy.model, test)
+        rows.append(
+            {
+                "round": 0,
+                "phase": "init",
+                "retention_ratio": 1.0,
+                "test_accuracy": test_acc,
+                "test_loss": test_loss,
+                "max_epsilon": 0.0,
+                "mean_epsilon": 0.0,
+            }
+        )
+        log_fn(f"[round   0] init test acc {test_acc:.4f}")
+        best = {"round": 0, "val_accuracy": -1.0}
+        best_state = copy.deepcopy(model.state_dict())
+        first_round = 1
+    else:
+        rows, best, best_state = ckpt["rows"], ckpt["best"], ckpt["best_state"]
+        first_round = int(ckpt["round"]) + 1
+        charged = max((h["round"] for hs in ledger.history.values() for h in hs), default=0)
+        log_fn(f"[resume] continuing {run_dir} at round {first_round}")
+        if charged >= first_round:
+            log(
+                WARNING,
+                "round %d was sent before the interruption: its privacy spend stays charged "
+                "(clients may have trained on it) and the round is run again",
+                charged,
+            )
     stop_reason = "completed"
-    for rnd in range(1, fed.num_server_rounds + 1):
+    for rnd in range(first_round, fed.num_server_rounds + 1):
         t_round = time.time()
         try:
             messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
@@ -153,6 +225,8 @@ def run_federated(
             log(WARNING, "stopping before round %d: %s", rnd, exc)
             break
         strategy.record_spend(rnd)
+        # write-ahead: the spend is on disk before any client starts training
+        write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
         new_arrays, agg = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
@@ -200,6 +274,18 @@ def run_federated(
         write_csv(os.path.join(run_dir, "metrics.csv"), rows)
         write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
         torch.save(strategy.model.state_dict(), os.path.join(run_dir, "final_model.pt"))
+        save_checkpoint(
+            os.path.join(run_dir, "checkpoint.pt"),
+            {
+                "round": rnd,
+                "fingerprint": config_fingerprint(cfg, fed),
+                "model": strategy.model.state_dict(),
+                "strategy": strategy.state_dict(),
+                "rows": rows,
+                "best": best,
+                "best_state": best_state,
+            },
+        )
         log_fn(
             f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {test_acc:.4f} "
             f"val acc {val_acc:.4f} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "

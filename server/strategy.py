@@ -369,6 +369,33 @@ class AdaDPIGUStrategy(FedAvg):
         log(INFO, "round %d: aggregated %d/%d updates", server_round, len(valid), len(self.sent))
         return ArrayRecord(self.model.state_dict()), MetricRecord(metrics)
 
+    # ----- checkpoint ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue after a restart (node ids are not kept: they change)."""
+        return {
+            "mask": None if self.mask is None else self.mask.clone(),
+            "mask_version": self.mask_version,
+            "importance_sum": self.importance_sum.clone(),
+            "importance_weight": self.importance_weight,
+            "builder_built": self.builder is not None,
+            "rng": self.rng.getstate(),
+            "rejections": list(self.rejections),
+            "noise": {s.name: s.noise_multiplier for s in self.silos.values()},
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.mask = state["mask"]
+        self.mask_version = int(state["mask_version"])
+        self.mask_bits = pack_mask(self.mask) if self.mask is not None else b""
+        self.importance_sum = state["importance_sum"].clone()
+        self.importance_weight = float(state["importance_weight"])
+        if state["builder_built"]:
+            scores = self.importance_sum / self.importance_weight
+            self.builder = MaskBuilder(scores.float(), self.sizes, self.cfg.mask_scope)
+        self.rng.setstate(state["rng"])
+        self.rejections = list(state["rejections"])
+        self.node_mask_version = {}  # new processes hold no mask: resend the bits
+
     # ----- evaluate ----------------------------------------------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
