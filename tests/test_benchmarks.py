@@ -31,3 +31,12 @@ def test_bench_step_smoke_produces_every_row():
         assert r["median_ms"] > 0 and r["peak_mb"] > 0
     assert next(r for r in rows if r["method"] == "nonprivate")["ratio_nonprivate"] == 1.0
     assert next(r for r in rows if r["method"] == "opacus")["ratio_opacus"] == 1.0
+
+
+def test_bench_comm_sparse_upload_is_r_times_dense():
+    from benchmarks.bench_comm import measure
+
+    for r in (0.2, 0.6, 1.0):
+        row = measure("mnist-cnn", r)
+        assert row["up_ratio_to_r_dense"] <= 1.05
+        assert row["mask_bits_bytes"] == (0 if r == 1.0 else (row["parameters"] + 7) // 8)
