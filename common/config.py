@@ -373,6 +373,7 @@ class FederatedConfig:
     startup_timeout: float = 600.0
     evaluate_every: int = 1
     resume: str = ""  # a run folder to continue (its checkpoint.pt and ledger.json)
+    max_update_norm: float = 1e3  # replies with a larger L2 norm are rejected as absurd
 
     def __post_init__(self) -> None:
         _number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
@@ -385,6 +386,7 @@ class FederatedConfig:
         _number("round-timeout", self.round_timeout, lo=0.0, lo_open=True)
         _number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
         _number("evaluate-every", self.evaluate_every, lo=1, integer=True)
+        _number("max-update-norm", self.max_update_norm, lo=0.0, lo_open=True)
 
     def importance_rounds_for(self, cfg: TrainConfig) -> int:
         """Importance (pre-training) rounds actually run for ``cfg.method``."""

@@ -232,6 +232,11 @@ def run_federated(
         if new_arrays is not None:
             arrays = new_arrays
         agg_d = dict(agg) if agg is not None else {}
+        if agg_d.get("insufficient"):
+            stop_reason = (
+                f"clients: round {rnd} got {int(agg_d.get('clients-valid', 0))} valid updates of "
+                f"{int(agg_d.get('clients-sent', 0))} sent, fewer than min-train-nodes ({fed.min_train_nodes})"
+            )
         test_loss, test_acc = evaluate(strategy.model, test)
         val = None
         if rnd % fed.evaluate_every == 0 or rnd == fed.num_server_rounds:
@@ -292,6 +297,9 @@ def run_federated(
             f"up {row['bytes_up_per_client'] / 1e3:.1f} kB down {row['bytes_down_per_client'] / 1e3:.1f} kB "
             f"rejected {row['rejected_updates']} failed {row['failed_clients']} ({row['seconds']:.1f}s)"
         )
+        if stop_reason != "completed":
+            log(WARNING, "stopping after round %d: %s", rnd, stop_reason)
+            break
     torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
     strategy.model.load_state_dict(best_state)
     _, best_test = evaluate(strategy.model, test)

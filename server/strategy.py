@@ -298,6 +298,11 @@ class AdaDPIGUStrategy(FedAvg):
             return f"update has dtype {update.dtype}, expected a float type", {}
         if not np.all(np.isfinite(update)):
             return "update contains NaN or inf", {}
+        norm = float(np.linalg.norm(update.astype(np.float64)))
+        if norm == 0.0:
+            return "update is exactly zero (impossible after Gaussian noise; a broken or idle client)", {}
+        if norm > self.fed.max_update_norm:
+            return f"update norm {norm:.3g} exceeds max-update-norm {self.fed.max_update_norm:g}", {}
         parsed = {"update": update, "weight": float(n_ex), "up_bytes": arrays.count_bytes()}
         if sent.phase_name == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
             for key in (P.IMPORTANCE_TOTAL, P.IMPORTANCE_NOISE_VAR):
@@ -353,8 +358,15 @@ class AdaDPIGUStrategy(FedAvg):
             "bytes-down": float(sum(s.down_bytes for s in self.sent.values())),
             "bytes-up": float(sum(v["up_bytes"] for v in valid)),
         }
-        if not valid:
-            log(WARNING, "round %d: no valid update; the global model is unchanged", server_round)
+        if len(valid) < self.fed.min_train_nodes:
+            log(
+                WARNING,
+                "round %d: %d valid updates, fewer than min-train-nodes (%d); the global model is unchanged",
+                server_round,
+                len(valid),
+                self.fed.min_train_nodes,
+            )
+            metrics["insufficient"] = 1
             return None, MetricRecord(metrics)
         assert self.current_flat is not None
         delta = aggregate_sparse(

@@ -119,7 +119,7 @@ def _train_round_messages():
     msgs = by_node(strat.configure_train(1, arrays, ConfigRecord(), grid))
     d = strat.d
     reps = [
-        train_reply(msgs[n], np.zeros(d, np.float32), n_examples=SIZES[n], importance=np.ones(d))
+        train_reply(msgs[n], np.full(d, 1e-3, np.float32), n_examples=SIZES[n], importance=np.ones(d))
         for n in NODES
     ]
     arrays, _ = strat.aggregate_train(1, reps)
@@ -156,6 +156,8 @@ def _train_round_messages():
         ),
         (lambda m, k: train_reply(m, np.ones((k, 1), np.float32), n_examples=5), "shape"),
         (lambda m, k: Message(RecordDict({}), reply_to=m), "lacks its 'arrays'"),
+        (lambda m, k: train_reply(m, np.zeros(k, np.float32), n_examples=5), "exactly zero"),
+        (lambda m, k: train_reply(m, np.full(k, 1e3, np.float32), n_examples=5), "exceeds max-update-norm"),
     ],
 )
 def test_malformed_reply_is_rejected_and_counted(make_bad, reason):
