@@ -98,6 +98,27 @@ def load_checkpoint(run_dir: str, cfg: TrainConfig, fed: FederatedConfig) -> tup
     return ckpt, ledger
 
 
+def _write_label_distribution(cfg: TrainConfig, num_partitions: int, run_dir: str, log_fn) -> None:
+    """PNG of the label distribution per silo, recomputed from the public partition recipe.
+
+    Possible in simulation and on-loopback runs, where the server can load the same
+    dataset; clients never send label counts (they are not DP).
+    """
+    try:
+        from common.partition import label_distribution, partition_indices, skew_statistic
+        from simulations.plots import plot_label_distribution
+
+        labels = take_subset(load_dataset(cfg.dataset, cfg.data_dir, True), cfg.train_subset).y
+        dist = label_distribution(labels, partition_indices(labels, num_partitions, cfg))
+        plot_label_distribution(
+            dist,
+            os.path.join(run_dir, "label-distribution.png"),
+            title=f"{cfg.dataset}, {cfg.partitioner}, {num_partitions} silos (skew {skew_statistic(dist):.3f})",
+        )
+    except Exception as exc:  # a missing plot must not stop a DP run
+        log_fn(f"[plan] no label-distribution plot: {exc}")
+
+
 def run_federated(
     grid: Grid,
     cfg: TrainConfig,
@@ -173,6 +194,8 @@ def run_federated(
         for s in sorted(strategy.silos.values(), key=lambda s: s.name)
     }
     write_json_atomic(os.path.join(run_dir, "plan.json"), plans)
+    if ckpt is None:
+        _write_label_distribution(cfg, len(strategy.silos), run_dir, log_fn)
     sigmas = sorted({round(s.noise_multiplier, 6) for s in strategy.silos.values()})
     log_fn(
         f"[plan] {cfg.method} on {cfg.dataset}: {len(strategy.silos)} silos, {fed.num_server_rounds} rounds "

@@ -56,6 +56,8 @@ def test_faulty_clients_are_left_out_and_still_charged(tmp_path, data_dir):
     for client in ("silo-0", "silo-1", "silo-2"):
         assert [h["round"] for h in ledger["clients"][client]["rounds"]] == [1, 2, 3]
     assert summary["max_epsilon"] <= 8.0
+    png = open(os.path.join(summary["run_dir"], "label-distribution.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_too_few_replies_end_the_run_with_a_clear_reason(tmp_path, data_dir):
