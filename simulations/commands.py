@@ -43,6 +43,7 @@ def simulate(
         raise ConfigError("num-cpus", num_cpus, "must be > 0")
     if num_gpus < 0:
         raise ConfigError("num-gpus", num_gpus, "must be >= 0")
+    fed.importance_rounds_for(cfg)  # fail before Ray starts
     if fed.min_available_nodes > num_supernodes or fed.min_train_nodes > num_supernodes:
         raise ConfigError(
             "min-available-nodes",

@@ -1,0 +1,158 @@
+"""The bad-input battery: each bad input ends with exit status 2 and one clear line, no traceback,
+and nothing is written to the output folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from simulations.cli import main
+
+
+@pytest.fixture
+def corrupt_data(tmp_path):
+    raw = tmp_path / "corrupt" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    return str(tmp_path / "corrupt")
+
+
+def _sweep_file(tmp_path, text):
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    "unknown method": (["train", "--method", "bogus"], "method"),
+    "zero epochs": (["train", "--epochs", "0"], "epochs"),
+    "bad delta": (["train", "--delta", "2"], "delta"),
+    "decreasing schedule": (["train", "--schedule", "steps:0.9,0.5"], "re-frozen"),
+    "negative alpha": (["train", "--alpha", "-1"], "alpha"),
+    "bad seed": (["train", "--seed", "-5"], "seed"),
+    "not a number": (["train", "--lr", "fast"], "lr"),
+    "unknown partitioner": (["train", "--partitioner", "random"], "partitioner"),
+    "missing data": (
+        ["train", "--data-dir", "/nonexistent/adadpigu", "--epochs", "1"],
+        "could not be downloaded",
+    ),
+    "model for another dataset": (
+        [
+            "train",
+            "--model",
+            "cifar-cnn",
+            "--dataset",
+            "mnist",
+            "--train-subset",
+            "500",
+            "--batch-size",
+            "100",
+        ],
+        "needs 3x32x32",
+    ),
+    "batch larger than data": (["train", "--train-subset", "200", "--batch-size", "5000"], "batch-size"),
+    "unreachable epsilon": (
+        ["train", "--train-subset", "500", "--batch-size", "400", "--epsilon", "0.00001", "--delta", "1e-12"],
+        "cannot be reached",
+    ),
+    "sigma over budget": (
+        [
+            "train",
+            "--train-subset",
+            "500",
+            "--batch-size",
+            "100",
+            "--noise-multiplier",
+            "0.2",
+            "--epsilon",
+            "1",
+        ],
+        "spends epsilon",
+    ),
+    "privacy: neither sigma nor target": (
+        ["privacy", "--sample-rate", "0.1", "--steps", "10"],
+        "exactly one",
+    ),
+    "privacy: bad rate": (
+        ["privacy", "--noise-multiplier", "1", "--sample-rate", "3", "--steps", "10"],
+        "sample-rate",
+    ),
+    "privacy: zero steps": (
+        ["privacy", "--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "0"],
+        "steps",
+    ),
+    "privacy: negative sigma": (
+        ["privacy", "--noise-multiplier", "-1", "--sample-rate", "0.1", "--steps", "5"],
+        "noise-multiplier",
+    ),
+    "privacy: unreachable": (
+        [
+            "privacy",
+            "--target-epsilon",
+            "0.000001",
+            "--sample-rate",
+            "1",
+            "--steps",
+            "100000",
+            "--delta",
+            "1e-12",
+            "--accountant",
+            "rdp",
+        ],
+        "cannot be reached",
+    ),
+    "simulate: no silos": (["simulate", "--num-supernodes", "0"], "num-supernodes"),
+    "simulate: more required than silos": (
+        ["simulate", "--num-supernodes", "2", "--min-available-nodes", "5"],
+        "min-available-nodes",
+    ),
+    "simulate: zero fraction": (["simulate", "--fraction-train", "0"], "fraction-train"),
+    "simulate: importance rounds >= rounds": (
+        ["simulate", "--importance-rounds", "5", "--num-server-rounds", "3"],
+        "importance-rounds",
+    ),
+    "sweep: missing file": (["sweep", "/nonexistent/sweep.toml"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2(name, capsys, tmp_path, data_dir):
+    argv, fragment = CASES[name]
+    out_dir = tmp_path / "out"
+    if argv[0] == "train":
+        argv = [*argv, "--out-dir", str(out_dir)]
+        if "--data-dir" not in argv:
+            argv += ["--data-dir", data_dir]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adadpigu: error:"), err
+    assert fragment in err[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir()), "a failed start left files behind"
+
+
+def test_corrupt_data_files(capsys, corrupt_data, tmp_path):
+    assert main(["train", "--data-dir", corrupt_data, "--epochs", "1", "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adadpigu: error:" in err[0] and "MNIST" in err[0] or "mnist" in err[0]
+
+
+def test_sweep_bad_toml_and_bad_cell(capsys, tmp_path):
+    assert main(["sweep", _sweep_file(tmp_path, "[sweep\nname=")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["sweep", _sweep_file(tmp_path, '[grid]\nmethod = ["dpsgd", "bogus"]\n')]) == 2
+    assert "'method' = 'bogus'" in capsys.readouterr().err
+    assert main(["sweep", _sweep_file(tmp_path, "[grid]\n")]) == 2
+    assert "grid" in capsys.readouterr().err
+
+
+def test_report_on_empty_folder(capsys, tmp_path):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
