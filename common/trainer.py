@@ -28,7 +28,7 @@ import torch
 
 from common.accounting import Phase, PrivacyTracker, calibrate_noise, compute_epsilon
 from common.config import TrainConfig
-from common.data import load_splits
+from common.data import Splits, load_splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device
 from common.errors import BudgetError
 from common.masks import MaskBuilder, UnfreezeSchedule
@@ -149,6 +149,8 @@ def train_centralized(
     log: Callable[[str], None] = print,
     command: str | None = None,
     run_dir: str | None = None,
+    splits: Splits | None = None,
+    return_model: bool = False,
 ) -> dict:
     """Run centralized training; returns the summary (also written to the run folder)."""
     if cfg.seeded:
@@ -158,13 +160,14 @@ def train_centralized(
             stacklevel=2,
         )
     device = resolve_device(cfg.device)
-    splits = load_splits(
-        cfg.dataset,
-        cfg.data_dir,
-        validation_fraction=cfg.validation_fraction,
-        train_subset=cfg.train_subset,
-        test_subset=cfg.test_subset,
-    )
+    if splits is None:
+        splits = load_splits(
+            cfg.dataset,
+            cfg.data_dir,
+            validation_fraction=cfg.validation_fraction,
+            train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset,
+        )
     plan = make_plan(cfg, len(splits.train))
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
     model = build_model(cfg.resolved_model(), cfg.dataset)
@@ -272,7 +275,7 @@ def train_centralized(
             f"val acc {val_acc:.4f} eps {eps:.3f} active {row['active_ratio']:.2f} "
             f"clipped {row['clipped_fraction']:.2f} ({row['seconds']:.1f}s)"
         )
-    final_state = engine.model.state_dict()
+    final_state = copy.deepcopy(engine.model.state_dict())
     torch.save(final_state, os.path.join(run_dir, "final_model.pt"))
     torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
     final_test = metrics[-1]["test_accuracy"]
@@ -307,4 +310,7 @@ def train_centralized(
         f"{best_test:.4f}; final test {final_test:.4f}; epsilon {summary['epsilon']} "
         f"in {summary['seconds']:.0f}s -> {run_dir}"
     )
+    if return_model:
+        engine.model.load_state_dict(final_state)
+        summary["model"] = engine.model
     return summary

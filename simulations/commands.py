@@ -125,6 +125,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace, config_from_args) -> int:
+    from simulations.audit import run_audit
+
+    if not 0 < args.beta < 1:
+        raise ConfigError("beta", args.beta, "must be in (0, 1)")
+    result = run_audit(config_from_args(args), canaries=args.canaries, beta=args.beta)
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
 def register(sub, add_config_flags, config_from_args) -> None:
     p = sub.add_parser("sweep", help="run a grid of experiments from a TOML file (resumable)")
     p.add_argument("file")
@@ -136,6 +147,15 @@ def register(sub, add_config_flags, config_from_args) -> None:
     p.add_argument("--group", default="method,dataset,epsilon", help="comma-separated settings to group by")
     p.add_argument("--out", default=None, help="folder for results.csv / results.md (default: DIR)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "audit", help="one-run canary audit (Steinke, Nasr & Jagielski 2023) of a training run"
+    )
+    add_config_flags(p)
+    p.add_argument("--canaries", type=int, default=1000)
+    p.add_argument("--beta", type=float, default=0.05, help="1 - confidence of the lower bound")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: cmd_audit(a, config_from_args))
 
     # optional sub-commands living in their own modules (each exposes register(sub, add_config_flags,
     # config_from_args))
