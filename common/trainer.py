@@ -143,6 +143,17 @@ def reproduce_command(cfg: TrainConfig, subcommand: str = "train") -> str:
     return f"adadpigu {subcommand} " + " ".join(args)
 
 
+def splits_for(cfg: TrainConfig) -> Splits:
+    """Train / validation / test splits as the config asks."""
+    return load_splits(
+        cfg.dataset,
+        cfg.data_dir,
+        validation_fraction=cfg.validation_fraction,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
+    )
+
+
 def train_centralized(
     cfg: TrainConfig,
     *,
@@ -161,13 +172,7 @@ def train_centralized(
         )
     device = resolve_device(cfg.device)
     if splits is None:
-        splits = load_splits(
-            cfg.dataset,
-            cfg.data_dir,
-            validation_fraction=cfg.validation_fraction,
-            train_subset=cfg.train_subset,
-            test_subset=cfg.test_subset,
-        )
+        splits = splits_for(cfg)
     plan = make_plan(cfg, len(splits.train))
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
     model = build_model(cfg.resolved_model(), cfg.dataset)
