@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from common.audit import audit_scores
 from common.config import TrainConfig
-from common.data import Splits, TensorData, load_splits
+from common.data import Splits, TensorData
 from common.engine import derive_seed
 from common.errors import ConfigError
-from common.trainer import train_centralized
+from common.trainer import splits_for, train_centralized
 
 
 def make_canaries(train: TensorData, m: int, seed: int) -> tuple[TensorData, TensorData, np.ndarray]:
@@ -48,13 +48,7 @@ def canary_scores(model: torch.nn.Module, canaries: TensorData) -> np.ndarray:
 
 
 def run_audit(cfg: TrainConfig, *, canaries: int = 1000, beta: float = 0.05, log=print) -> dict:
-    splits = load_splits(
-        cfg.dataset,
-        cfg.data_dir,
-        validation_fraction=cfg.validation_fraction,
-        train_subset=cfg.train_subset,
-        test_subset=cfg.test_subset,
-    )
+    splits = splits_for(cfg)
     base, can, included = make_canaries(splits.train, canaries, cfg.seed)
     idx = torch.from_numpy(np.flatnonzero(included))
     train = TensorData(torch.cat([base.x, can.x[idx]]), torch.cat([base.y, can.y[idx]]))
