@@ -138,7 +138,15 @@ def _setting_keys(rows: Sequence[dict], exclude: Iterable[str] = ()) -> list[str
 
 def _varying_keys(rows: Sequence[dict], exclude: Iterable[str] = ()) -> list[str]:
     """Settings whose (used) value differs among ``rows``."""
-    return [k for k in _setting_keys(rows, exclude) if len({_setting(r, k) for r in rows}) > 1]
+    keys = _setting_keys(rows, exclude)
+    # a setting that only some methods use (None elsewhere) does not vary by itself
+    return [
+        k
+        for k in keys
+        if k == "method"
+        and len({r.get(k) for r in rows}) > 1
+        or len({_setting(r, k) for r in rows} - {None}) > 1
+    ]
 
 
 def _series(rows: Sequence[dict], keys: Sequence[str]) -> dict[str, list[dict]]:
