@@ -1,0 +1,719 @@
+"""Flower's deployment topology as local processes: ``adadpigu deploy-local``.
+
+:func:`deploy_local` starts what ``docker-compose.yml`` starts, as plain processes on
+loopback: one ``flower-superlink`` (insecure or TLS, no runtime dependency installation,
+state in a temporary folder) and N ``flower-supernode``\\ s with
+``--node-config "partition-id=i num-partitions=N"``. It submits the app with
+``flwr run <project> <connection> --stream --run-config <file>`` through a temporary
+``FLWR_HOME``, streams the run's log, and stops **every** process it started (their
+process groups and all their descendants; SIGTERM, then SIGKILL after a grace period)
+when the run ends, on errors, on timeouts and on Ctrl-C.
+
+The SuperLink and the SuperNodes spawn ``flower-superexec`` children (the ServerApp and
+the ClientApps run in those); the SuperLink's is in a session of its own. The launcher
+therefore records the descendants of the processes it started while they run, so that
+it can stop them even after their parent is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from common.config import split_run_config
+from common.errors import ConfigError, UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "adadpigu-deploy"
+GRACE_SECONDS = 5.0
+STARTUP_SECONDS = 90.0
+_TAIL_LINES = 6
+
+
+# ----- run config ------------------------------------------------------------------------
+
+
+def app_config_defaults(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of the project (the keys a run config may override)."""
+    with open(root / "pyproject.toml", "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def parse_run_config(text: str | None) -> dict[str, Any]:
+    """Parse ``"k=v k2='str'"`` the way ``flwr run --run-config`` does (values are TOML)."""
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    rest = _PAIR.sub("", text).strip()
+    if rest:
+        raise UserError(
+            f"--run-config: cannot parse {rest!r}; use key=value pairs, e.g. \"epsilon=3 method='dpsgd'\""
+        )
+    for key, raw in _PAIR.findall(text):
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"--run-config: bad value for {key}: {raw} (strings need quotes)") from exc
+    return out
+
+
+def _toml_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(key, value, "must be a finite number")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise ConfigError(key, value, "a run-config value must be a bool, int, float or string")
+
+
+def resolve_run_config(overrides: Mapping[str, Any], *, silos: int) -> dict[str, Any]:
+    """Validate the overrides (keys, types, values) before anything is started.
+
+    Returns the overrides with ``out-dir`` made absolute (the ServerApp runs in another
+    process with another working directory).
+    """
+    defaults = app_config_defaults()
+    unknown = sorted(k for k in overrides if k not in defaults)
+    if unknown:
+        raise UserError(
+            f"unknown run-config key(s) {', '.join(unknown)}: every key must exist in "
+            "[tool.flwr.app.config] of pyproject.toml"
+        )
+    merged = {**defaults, **overrides}
+    _, fed = split_run_config(merged)  # raises ConfigError on a bad value
+    need = max(fed.min_available_nodes, fed.min_train_nodes)
+    if need > silos:
+        raise ConfigError(
+            "min-available-nodes", need, f"cannot exceed the number of silos ({silos}); lower it or add silos"
+        )
+    out = dict(overrides)
+    out["out-dir"] = os.path.abspath(str(merged["out-dir"]))
+    return out
+
+
+# ----- ports -------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise :class:`UserError` if ``host:port`` cannot be bound (SO_REUSEADDR, like the servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(
+                f"port {port} on {host} (for the {what}) is already in use ({exc.strerror}); "
+                "stop what uses it or choose another port"
+            ) from None
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+# ----- processes ---------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time) of a process from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    """Whether the process exists, is not a zombie and (if given) has this start time."""
+    st = _proc_stat(pid)
+    if st is None:
+        if not os.path.isdir("/proc"):  # no procfs (macOS): fall back to signal 0
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return False
+    return st[0] != "Z" and (start is None or st[2] == start)
+
+
+class _Managed:
+    """A process started in its own session, with its output in a log file."""
+
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: dict[str, str], cwd: str, *, pipe: bool = False
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.fh = open(log_path, "wb")  # closed in close()
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe else self.fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        self.pid = self.popen.pid
+        st = _proc_stat(self.pid)
+        self.start = st[2] if st else None
+        self.reported_exit = False
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def tail(self, n: int = _TAIL_LINES) -> str:
+        """The last ``n`` non-empty lines of the log, joined into one line."""
+        try:
+            self.fh.flush()
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except (OSError, ValueError):
+            return ""
+        kept = [_strip_ansi(line).strip() for line in lines if line.strip()][-n:]
+        return " | ".join(kept)[-1500:] or "(no output)"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+class ProcessTracker:
+    """Remembers the processes started and all their descendants, and stops them all."""
+
+    def __init__(self) -> None:
+        self.managed: list[_Managed] = []
+        self.known: dict[int, int] = {}  # pid -> start time (guards against PID reuse)
+        self._own_pgid = os.getpgid(0)
+
+    def add(self, proc: _Managed) -> None:
+        self.managed.append(proc)
+        if proc.start is not None:
+            self.known[proc.pid] = proc.start
+
+    def scan(self) -> None:
+        """Record the descendants of every known process (call while they run)."""
+        if not self.known or not os.path.isdir("/proc"):
+            return
+        children: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            st = _proc_stat(int(entry))
+            if st is not None:
+                children[st[1]].append((int(entry), st[2]))
+        stack = [pid for pid, start in self.known.items() if _alive(pid, start)]
+        while stack:
+            pid = stack.pop()
+            for child, start in children.get(pid, ()):
+                if child not in self.known:
+                    self.known[child] = start
+                    stack.append(child)
+
+    def descendants(self) -> list[int]:
+        roots = {p.pid for p in self.managed}
+        return sorted(pid for pid in self.known if pid not in roots)
+
+    def _living(self) -> list[tuple[int, int]]:
+        return [(pid, start) for pid, start in self.known.items() if _alive(pid, start)]
+
+    def _signal_all(self, sig: int) -> None:
+        groups: set[int] = set()
+        for proc in self.managed:
+            if proc.poll() is None:
+                groups.add(proc.pid)  # started with start_new_session: pgid == pid
+        for pid, _ in self._living():
+            with contextlib.suppress(OSError):
+                pgid = os.getpgid(pid)
+                if pgid != self._own_pgid and pgid in self.known:
+                    groups.add(pgid)
+        for pgid in groups:
+            if pgid != self._own_pgid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, sig)
+        for pid, _ in self._living():
+            if pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+    def _wait_all(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while True:
+            for proc in self.managed:
+                proc.poll()  # reap our own children
+            if not self._living() and all(p.poll() is not None for p in self.managed):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+    def stop_all(self, grace: float = GRACE_SECONDS) -> list[int]:
+        """SIGTERM every process group and descendant, SIGKILL what is left after ``grace``.
+
+        Returns the PIDs that were still alive at the end (normally none).
+        """
+        self.scan()
+        if self._living() or any(p.poll() is None for p in self.managed):
+            self._signal_all(signal.SIGTERM)
+            if not self._wait_all(grace):
+                self._signal_all(signal.SIGKILL)
+                self._wait_all(grace)
+        for proc in self.managed:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=1.0)
+            proc.close()
+        return [pid for pid, _ in self._living()]
+
+
+def _flower_bin(name: str) -> str:
+    """The Flower executable next to this interpreter (the same venv), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise UserError(f"{name} not found: install the project (pip install -e .) in this environment")
+    return found
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM received by the launcher: handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ----- the launcher ------------------------------------------------------------------------
+
+
+def _reader(stream, out: queue.Queue) -> None:
+    try:
+        for raw in iter(stream.readline, b""):
+            out.put(raw.decode(errors="replace").rstrip("\n"))
+    finally:
+        out.put(None)
+
+
+def _wait_ready(proc: _Managed, host: str, port: int, deadline: float, what: str) -> None:
+    while not _port_open(host, port):
+        rc = proc.poll()
+        if rc is not None:
+            raise UserError(f"{what} (pid {proc.pid}) exited with code {rc} during start-up: {proc.tail()}")
+        if time.monotonic() > deadline:
+            raise UserError(f"{what} (pid {proc.pid}) did not listen on {host}:{port} in time: {proc.tail()}")
+        time.sleep(0.2)
+
+
+def _find_run_dir(out_dir: str, lines: Iterable[str], t_start: float) -> str | None:
+    for line in lines:
+        m = re.search(r"run folder (\S+)", _strip_ansi(line))
+        if m and os.path.isdir(m.group(1)):
+            return m.group(1)
+    if not os.path.isdir(out_dir):
+        return None
+    candidates = [
+        os.path.join(out_dir, d)
+        for d in os.listdir(out_dir)
+        if os.path.isdir(os.path.join(out_dir, d))
+        and os.path.getmtime(os.path.join(out_dir, d)) >= t_start - 1
+    ]
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def _trim_work(work: Path, *, remove_home: bool) -> None:
+    """Drop the SuperLink state and the installed apps of a work folder, keep its logs."""
+    for name in ("state.db", "state.db-shm", "state.db-wal", "run-config.toml"):
+        with contextlib.suppress(OSError):
+            (work / name).unlink()
+    if remove_home:
+        shutil.rmtree(work / "flwr-home", ignore_errors=True)
+
+
+def deploy_local(
+    cfg_overrides: Mapping[str, Any],
+    *,
+    silos: int,
+    superlink_port: int = 8000,
+    base_supernode_port: int = 9094,
+    timeout: float = 3600.0,
+    data_dir: str | os.PathLike | None = None,
+    flwr_home: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    on_started: Callable[[dict[str, int]], None] | None = None,
+    host: str = "127.0.0.1",
+    grace: float = GRACE_SECONDS,
+    certs_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Run one federated job on SuperLink + ``silos`` SuperNodes started as local processes.
+
+    ``cfg_overrides`` are run-config keys of ``[tool.flwr.app.config]`` (kebab-case).
+    A port of 0 picks a free one (SuperNodes: one each). ``data_dir`` is exported as
+    ``ADADPIGU_DATA_DIR`` to every process (default: the current environment's).
+    ``on_started`` receives ``{name: pid}`` once everything runs. ``certs_dir`` (the
+    output of ``deploy/gen_certs.sh``) switches the SuperLink, the SuperNodes and the
+    ``flwr`` CLI to TLS. Returns a summary with
+    ``returncode`` (of ``flwr run``), ``run_dir``, ``summary`` (the run's summary.json or
+    None), ``pids`` and ``descendant_pids`` (all stopped by then) and ``logs``.
+    Raises :class:`UserError` on a taken port, a process dying during start-up, the
+    SuperLink dying during the run, or the timeout.
+    """
+    if silos < 1:
+        raise ConfigError("silos", silos, "must be >= 1")
+    if timeout <= 0:
+        raise ConfigError("timeout", timeout, "must be > 0")
+    overrides = resolve_run_config(cfg_overrides, silos=silos)
+    out_dir = overrides["out-dir"]
+
+    # Ports: check by binding before anything is started.
+    superlink_port = superlink_port or free_port(host)
+    check_port_free(host, superlink_port, "SuperLink")
+    if base_supernode_port:
+        node_ports = [base_supernode_port + i for i in range(silos)]
+    else:
+        node_ports = []
+        while len(node_ports) < silos:
+            p = free_port(host)
+            if p != superlink_port and p not in node_ports:
+                node_ports.append(p)
+    if superlink_port in node_ports:
+        raise UserError(f"the SuperLink port {superlink_port} collides with the SuperNode ports {node_ports}")
+    for i, p in enumerate(node_ports):
+        check_port_free(host, p, f"SuperNode {i}")
+
+    tls: dict[str, str] = {}
+    if certs_dir is not None:
+        for name in ("ca.crt", "server.pem", "server.key"):
+            path = Path(certs_dir, name).resolve()
+            if not path.is_file():
+                raise UserError(f"TLS: {path} not found; create the certificates with deploy/gen_certs.sh")
+            tls[name] = str(path)
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    t_wall = time.time()
+    work = Path(tempfile.mkdtemp(prefix="adadpigu-deploy-"))
+    logs = work / "logs"
+    logs.mkdir()
+    home = Path(flwr_home) if flwr_home else work / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    security = f"root-certificates = {json.dumps(tls['ca.crt'])}\n" if tls else "insecure = true\n"
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{host}:{superlink_port}"\n' + security
+    )
+    superlink_security = (
+        ["--ssl-ca-certfile", tls["ca.crt"], "--ssl-certfile", tls["server.pem"]]
+        + ["--ssl-keyfile", tls["server.key"]]
+        if tls
+        else ["--insecure"]
+    )
+    supernode_security = ["--root-certificates", tls["ca.crt"]] if tls else ["--insecure"]
+    run_config_file = work / "run-config.toml"
+    run_config_file.write_text("".join(f"{k} = {_toml_value(k, v)}\n" for k, v in overrides.items()))
+
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+        PATH=bindir + os.pathsep + env.get("PATH", ""),
+    )
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if data_dir is not None:
+        env["ADADPIGU_DATA_DIR"] = os.path.abspath(os.fspath(data_dir))
+    cwd = os.getcwd()
+
+    tracker = ProcessTracker()
+    pids: dict[str, int] = {}
+    output: collections.deque[str] = collections.deque(maxlen=400)
+    errors: list[str] = []
+    rc: int | None = None
+    ok = interrupted = False
+
+    def start(name: str, argv: list[str], *, pipe: bool = False) -> _Managed:
+        proc = _Managed(name, argv, logs / f"{name}.log", env, cwd, pipe=pipe)
+        tracker.add(proc)
+        pids[name] = proc.pid
+        return proc
+
+    try:
+        with _sigterm_as_interrupt():
+            log(
+                f"[deploy] SuperLink on {host}:{superlink_port} ({'TLS' if tls else 'insecure'}), "
+                f"{silos} SuperNodes on ports {node_ports}"
+            )
+            superlink = start(
+                "superlink",
+                [
+                    _flower_bin("flower-superlink"),
+                    *superlink_security,
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    host,
+                    "--port",
+                    str(superlink_port),
+                    "--database",
+                    str(work / "state.db"),
+                ],
+            )
+            _wait_ready(
+                superlink, host, superlink_port, min(deadline, t0 + STARTUP_SECONDS), "flower-superlink"
+            )
+            nodes: list[_Managed] = []
+            for i, port in enumerate(node_ports):
+                nodes.append(
+                    start(
+                        f"supernode-{i}",
+                        [
+                            _flower_bin("flower-supernode"),
+                            *supernode_security,
+                            "--superlink",
+                            f"{host}:{superlink_port}",
+                            "--host",
+                            host,
+                            "--port",
+                            str(port),
+                            "--node-config",
+                            f"partition-id={i} num-partitions={silos}",
+                        ],
+                    )
+                )
+            startup_deadline = min(deadline, time.monotonic() + STARTUP_SECONDS)
+            for node, port in zip(nodes, node_ports):
+                _wait_ready(node, host, port, startup_deadline, f"flower-supernode {node.name}")
+            tracker.scan()
+            log(
+                "[deploy] started "
+                + ", ".join(f"{name} (pid {pid})" for name, pid in pids.items())
+                + f" in {time.monotonic() - t0:.1f}s; submitting the run"
+            )
+
+            runner = start(
+                "flwr-run",
+                [_flower_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream"]
+                + ["--run-config", str(run_config_file)],
+                pipe=True,
+            )
+            flwr_run = runner.popen
+            if on_started is not None:
+                on_started(dict(pids))
+
+            lines: queue.Queue = queue.Queue()
+            reader = threading.Thread(target=_reader, args=(flwr_run.stdout, lines), daemon=True)
+            reader.start()
+            eof = False
+            last_scan = 0.0
+            while True:
+                batch: list[str | None] = []
+                with contextlib.suppress(queue.Empty):
+                    batch.append(lines.get(timeout=0.5))
+                    while True:
+                        batch.append(lines.get_nowait())
+                for line in batch:
+                    if line is None:
+                        eof = True
+                        continue
+                    runner.fh.write((line + "\n").encode())
+                    line = _strip_ansi(line)
+                    output.append(line)
+                    if "adadpigu: error" in line:
+                        errors.append(line.strip())
+                    log(line)
+                runner.fh.flush()
+                if eof and flwr_run.poll() is not None:
+                    rc = flwr_run.returncode
+                    break
+                now = time.monotonic()
+                if now > deadline:
+                    raise UserError(
+                        f"the run did not finish within {timeout:g}s; all processes were stopped (logs: {logs})"
+                    )
+                if superlink.poll() is not None:
+                    raise UserError(
+                        f"flower-superlink (pid {superlink.pid}) exited with code {superlink.poll()} "
+                        f"during the run: {superlink.tail()} (logs: {logs})"
+                    )
+                for node in nodes:
+                    if node.poll() is not None and not node.reported_exit:
+                        node.reported_exit = True
+                        log(
+                            f"[deploy] {node.name} (pid {node.pid}) exited with code {node.poll()}; "
+                            "the run continues with the remaining silos"
+                        )
+                if now - last_scan > 1.0:
+                    tracker.scan()
+                    last_scan = now
+            ok = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
+            left = tracker.stop_all(grace)
+            if interrupted:
+                shutil.rmtree(work, ignore_errors=True)
+            elif not ok:  # keep the logs of a failed run (its message names them), not the state
+                _trim_work(work, remove_home=flwr_home is None)
+        if left:
+            log(f"[deploy] warning: processes still alive after SIGKILL: {left}")
+
+    run_dir = _find_run_dir(out_dir, output, t_wall)
+    summary = None
+    if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as fh:
+            summary = json.load(fh)
+    logs_dir = str(logs)
+    if ok and run_dir:
+        dest = Path(run_dir) / "deploy-logs"
+        shutil.copytree(logs, dest, dirs_exist_ok=True)
+        logs_dir = str(dest)
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        _trim_work(work, remove_home=flwr_home is None)
+    return {
+        "returncode": rc,
+        "run_dir": run_dir,
+        "summary": summary,
+        "errors": errors,
+        "pids": pids,
+        "descendant_pids": tracker.descendants(),
+        "superlink_address": f"{host}:{superlink_port}",
+        "supernode_ports": node_ports,
+        "seconds": time.monotonic() - t0,
+        "logs": logs_dir,
+    }
+
+
+# ----- CLI ---------------------------------------------------------------------------------
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    overrides = parse_run_config(args.run_config)
+    result = deploy_local(
+        overrides,
+        silos=args.silos,
+        superlink_port=args.superlink_port,
+        base_supernode_port=args.supernode_port,
+        timeout=args.timeout,
+        data_dir=args.data_dir,
+        certs_dir=args.certs_dir,
+    )
+    summary = result["summary"]
+    if args.json:
+        print(json.dumps(result))
+    if result["returncode"] != 0 or summary is None:
+        reason = "; ".join(result["errors"]) or f"flwr run exited with code {result['returncode']}"
+        print(
+            f"adadpigu: error: the federated run did not complete ({reason}); logs: {result['logs']}",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.json:
+        print(
+            f"[deploy] {summary['rounds_completed']} rounds ({summary['stop_reason']}), max epsilon "
+            f"{summary['max_epsilon']}, {result['seconds']:.0f}s; run folder {result['run_dir']}"
+        )
+    return 0
+
+
+def register(sub, add_config_flags, config_from_args) -> None:
+    """Add ``adadpigu deploy-local`` (the config-flag helpers are unused: settings go through --run-config)."""
+    p = sub.add_parser(
+        "deploy-local",
+        help="run SuperLink + N SuperNodes as local processes and submit the app (flwr run)",
+        description="Flower's deployment runtime on one machine: a SuperLink and one SuperNode per silo "
+        "on loopback; every process is stopped when the run ends.",
+    )
+    p.add_argument("--silos", type=int, required=True, help="number of SuperNodes (one data partition each)")
+    p.add_argument(
+        "--run-config",
+        default=None,
+        metavar="'k=v ...'",
+        help="run-config overrides, as for flwr run, e.g. \"num-server-rounds=5 method='dpsgd'\"",
+    )
+    p.add_argument("--superlink-port", type=int, default=8000, help="SuperLink HTTP port (0: any free port)")
+    p.add_argument(
+        "--supernode-port",
+        type=int,
+        default=9094,
+        help="first SuperNode port; silo i uses +i (0: free ports)",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="stop everything after this many seconds")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $ADADPIGU_DATA_DIR)")
+    p.add_argument(
+        "--certs-dir", default=None, help="TLS certificates from deploy/gen_certs.sh (default: insecure)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_deploy_local)
