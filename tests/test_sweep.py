@@ -63,3 +63,13 @@ def test_tiny_sweep_runs_resumes_and_tabulates(tmp_path, data_dir):
 def test_bad_sweep_cell_is_refused_before_running(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="method"):
         load_sweep(write_sweep(tmp_path, data_dir, grid='method = ["dpsgd", "bogus"]\n'))
+
+
+def test_shipped_sweep_files_are_valid():
+    import glob
+
+    files = glob.glob(os.path.join(os.path.dirname(__file__), "..", "simulations", "sweeps", "*.toml"))
+    assert len(files) >= 5
+    for path in files:
+        sweep = load_sweep(path)  # validates every cell's settings
+        assert sweep.cells(), path
