@@ -40,3 +40,17 @@ def test_bench_comm_sparse_upload_is_r_times_dense():
         row = measure("mnist-cnn", r)
         assert row["up_ratio_to_r_dense"] <= 1.05
         assert row["mask_bits_bytes"] == (0 if r == 1.0 else (row["parameters"] + 7) // 8)
+
+
+def test_bench_sim_smoke_produces_a_row(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_sim", "--smoke", "--json", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1
+    for key in ("clients", "round_seconds_median", "ideal_round_seconds", "overhead_ratio", "peak_rss_mb"):
+        assert key in rows[0] and rows[0][key] > 0

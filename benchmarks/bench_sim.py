@@ -1,0 +1,191 @@
+"""Flower simulation overhead: wall time per round against the ideal, and peak memory.
+
+The ideal round time is the clients' summed compute divided by the cores Ray may use:
+``clients * local_steps * t_step / cores``, where ``t_step`` is one DP step of the same
+engine measured serially in this process first. Peak memory is the largest summed RSS of
+this process and all its descendants (Ray workers included), sampled every 0.2 s.
+
+    python -m benchmarks.bench_sim --clients 10 50 100 --json --out docs/data/bench_sim.json
+    python -m benchmarks.bench_sim --smoke --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Summed RSS of ``root`` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            ppid, pages = int(fields[1]), int(fields[21])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+        rss[int(entry)] = pages
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def step_time(cfg, n_train: int) -> float:
+    """Median seconds of one DP step of ``cfg``'s engine on random data (serial)."""
+    from common.data import TensorData
+    from common.engine import DPEngine, make_generator
+    from common.models import build_model
+
+    model = build_model(cfg.resolved_model(), cfg.dataset)
+    eng = DPEngine(
+        model,
+        cfg,
+        n_train=n_train,
+        device=torch.device("cpu"),
+        noise_generator=make_generator(0, "n"),
+        sampling_generator=make_generator(0, "s"),
+    )
+    data = TensorData(torch.randn(n_train, 1, 28, 28), torch.randint(0, 10, (n_train,)))
+    for _ in range(2):
+        eng.step(data, mode="flat", noise_multiplier=1.0)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        eng.step(data, mode="flat", noise_multiplier=1.0)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_one(clients: int, *, per_client: int, rounds: int, batch: int, cores: int, out_dir: str) -> dict:
+    from common.config import FederatedConfig, TrainConfig
+    from common.federated import ClientPlan
+    from simulations.commands import simulate
+
+    cfg = TrainConfig(
+        method="dpsgd",
+        epsilon=8.0,
+        batch_size=batch,
+        train_subset=clients * per_client,
+        test_subset=1000,
+        seed=0,
+        out_dir=out_dir,
+        validation_fraction=0.1,
+    )
+    fed = FederatedConfig(
+        num_server_rounds=rounds,
+        importance_rounds=0,
+        local_epochs=1.0,
+        min_available_nodes=clients,
+        min_train_nodes=clients,
+        fraction_evaluate=0.0,
+    )
+    n_train = int(round(per_client * 0.9))
+    plan = ClientPlan.for_silo(cfg, fed, n_train)
+    torch.set_num_threads(1)
+    t_step = step_time(cfg.replace(sample_rate=plan.sample_rate), n_train)
+    with PeakMemory() as mem:
+        t0 = time.time()
+        summary = simulate(cfg, fed, num_supernodes=clients, num_cpus=1.0, ray_num_cpus=cores)
+        total = time.time() - t0
+    with open(os.path.join(summary["run_dir"], "metrics.json")) as fh:
+        rows = [r for r in json.load(fh) if r["round"] > 0]
+    round_s = statistics.median(r["seconds"] for r in rows)
+    ideal = clients * plan.local_steps * t_step / cores
+    return {
+        "clients": clients,
+        "examples_per_client": per_client,
+        "local_steps": plan.local_steps,
+        "batch_size": batch,
+        "cores": cores,
+        "step_ms": t_step * 1e3,
+        "round_seconds_median": round_s,
+        "ideal_round_seconds": ideal,
+        "overhead_ratio": round_s / ideal,
+        "total_seconds": total,
+        "peak_rss_mb": mem.peak,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", nargs="+", type=int, default=[10, 50, 100])
+    p.add_argument("--per-client", type=int, default=600, help="examples per silo (MNIST subset)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out-dir", default="runs/bench_sim")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="2 clients, 1 round, tiny silos (CI)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.clients, args.per_client, args.rounds = [2], 100, 1
+    rows = []
+    for n in args.clients:
+        row = run_one(
+            n,
+            per_client=args.per_client,
+            rounds=args.rounds,
+            batch=args.batch_size,
+            cores=args.cores,
+            out_dir=args.out_dir,
+        )
+        rows.append(row)
+        print(
+            json.dumps(row)
+            if args.json
+            else f"{n:4d} clients: {row['round_seconds_median']:.2f} s/round vs ideal {row['ideal_round_seconds']:.2f} s "
+            f"(x{row['overhead_ratio']:.2f}), peak {row['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(
+                {
+                    "cores": args.cores,
+                    "command": "python -m benchmarks.bench_sim " + " ".join(sys.argv[1:]),
+                    "rows": rows,
+                },
+                fh,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
