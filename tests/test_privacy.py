@@ -224,3 +224,33 @@ def test_empty_batch_still_adds_noise():
 def test_released_gradient_cannot_be_forged():
     with pytest.raises(TypeError, match="only by common.privacy"):
         ReleasedGradient(torch.zeros(3), torch.zeros(3), None)
+
+
+def test_noisy_release_identical_to_naive_oracle_with_the_same_seed():
+    """The optimized path and the obviously-correct loop agree to float precision, noise included."""
+    torch.manual_seed(7)
+    d, b, sigma, c = 300, 9, 1.1, 0.4
+    grads = torch.randn(b, d)
+    mask = torch.rand(d) < 0.6
+    center, scale = torch.randn(d) * 0.05, torch.rand(d) + 0.3
+    got = privatize_step(
+        grads,
+        mask=mask,
+        center=center,
+        scale=scale,
+        clip_norm=c,
+        noise_multiplier=sigma,
+        expected_batch_size=12.0,
+        generator=torch.Generator().manual_seed(42),
+    )
+    # oracle: clipped sum by a loop, then the same generator's draw, then restore
+    total = torch.zeros(d, dtype=torch.float64)
+    for row in grads:
+        z = torch.where(mask, (row - center) / scale, torch.zeros(d))
+        total += z.double() * min(1.0, c / float(z.norm()))
+    noise = torch.randn(d, generator=torch.Generator().manual_seed(42)).double()
+    noisy = total + sigma * c * noise
+    ref = torch.where(
+        mask, scale.double() * noisy / 12.0 + center.double(), torch.zeros(d, dtype=torch.float64)
+    )
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
