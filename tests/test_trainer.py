@@ -63,3 +63,26 @@ def test_plan_calibrates_within_target():
     assert plan.pretrain_steps == round(0.1 * plan.total_steps)
     assert plan.pretrain_noise_multiplier == 2.0
     assert 0.98 * 3.0 <= plan.planned_epsilon <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("dataset", "subset", "min_acc"), [("fashionmnist", 3000, 0.45), ("cifar10", 600, 0.0)]
+)
+def test_other_datasets_run_end_to_end(dataset, subset, min_acc, data_dir, tmp_path):
+    cfg = TrainConfig(
+        method="adadpigu",
+        dataset=dataset,
+        epsilon=8.0,
+        train_subset=subset,
+        test_subset=300,
+        epochs=2,
+        batch_size=64,
+        data_dir=data_dir,
+        out_dir=str(tmp_path),
+        seed=0,
+    )
+    summary = train_centralized(cfg, log=lambda s: None)
+    assert summary["model"] == ("cifar-cnn" if dataset == "cifar10" else "mnist-cnn")
+    assert summary["epsilon"] <= 8.0
+    assert summary["best_val_accuracy"] >= min_acc
+    assert os.path.exists(os.path.join(summary["run_dir"], "best_model.pt"))
