@@ -195,6 +195,7 @@ def test_committed_structure():
 @pytest.mark.parametrize("silos", [1, 3, 5])
 def test_generator_structure(silos):
     base = yaml.safe_load(make_compose.compose(silos))
+    assert sum(name.startswith("supernode-") for name in base["services"]) == silos
     check_structure(base, silos)
     check_structure(merge_tls(base, yaml.safe_load(make_compose.compose_tls(silos))), silos, tls=True)
 
@@ -250,7 +251,9 @@ def test_docker_compose_config_generated_silos(compose_cmd, tmp_path):
         base, over = tmp_path / f"c{silos}.yml", tmp_path / f"c{silos}.tls.yml"
         base.write_text(make_compose.compose(silos))
         over.write_text(make_compose.compose_tls(silos))
-        check_structure(_config(compose_cmd, [base], {}), silos)
+        rendered = _config(compose_cmd, [base], {})
+        assert "superlink" in rendered["services"]
+        check_structure(rendered, silos)
         check_structure(_config(compose_cmd, [base, over], {}), silos, tls=True)
 
 
