@@ -374,6 +374,8 @@ class FederatedConfig:
     evaluate_every: int = 1
     resume: str = ""  # a run folder to continue (its checkpoint.pt and ledger.json)
     max_update_norm: float = 1e3  # replies with a larger L2 norm are rejected as absurd
+    server_momentum: float = 0.0  # FedAvgM (Hsu et al. 2019): velocity of the aggregated update
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         _number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
@@ -387,6 +389,8 @@ class FederatedConfig:
         _number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
         _number("evaluate-every", self.evaluate_every, lo=1, integer=True)
         _number("max-update-norm", self.max_update_norm, lo=0.0, lo_open=True)
+        _number("server-momentum", self.server_momentum, lo=0.0, hi=1.0, hi_open=True)
+        _number("server-lr", self.server_lr, lo=0.0, lo_open=True)
 
     def importance_rounds_for(self, cfg: TrainConfig) -> int:
         """Importance (pre-training) rounds actually run for ``cfg.method``."""

@@ -102,6 +102,7 @@ class AdaDPIGUStrategy(FedAvg):
         self.importance_weight = 0.0
         self.sent: dict[int, Sent] = {}
         self.current_flat: torch.Tensor | None = None
+        self.velocity = torch.zeros(self.d)  # FedAvgM; frozen coordinates are kept at 0
         self.rejections: list[dict] = []
         self.train_config_json = json.dumps(cfg.to_dict())
 
@@ -380,7 +381,13 @@ class AdaDPIGUStrategy(FedAvg):
         delta = aggregate_sparse(
             [v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d
         )
-        new_flat = self.current_flat + delta
+        if self.fed.server_momentum > 0:
+            # post-processing of the released updates; frozen coordinates neither move nor remember
+            self.velocity = self.fed.server_momentum * self.velocity + delta
+            if self.mask is not None:
+                self.velocity[~self.mask] = 0.0
+            delta = self.velocity
+        new_flat = self.current_flat + self.fed.server_lr * delta
         load_flat_parameters(self.model, new_flat)
         if self.phase_of(server_round) == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
             for v in valid:
@@ -401,6 +408,7 @@ class AdaDPIGUStrategy(FedAvg):
             "rng": self.rng.getstate(),
             "rejections": list(self.rejections),
             "noise": {s.name: s.noise_multiplier for s in self.silos.values()},
+            "velocity": self.velocity.clone(),
         }
 
     def load_state(self, state: dict) -> None:
@@ -415,6 +423,7 @@ class AdaDPIGUStrategy(FedAvg):
         self.rng.setstate(state["rng"])
         self.rejections = list(state["rejections"])
         self.node_mask_version = {}  # new processes hold no mask: resend the bits
+        self.velocity = state.get("velocity", torch.zeros(self.d)).clone()
 
     # ----- evaluate ----------------------------------------------------------------------
     def configure_evaluate(

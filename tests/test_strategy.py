@@ -180,3 +180,18 @@ def test_error_and_missing_replies_count_as_failed_and_nothing_changes():
     assert metrics["failed"] == 3 and metrics["rejected"] == 0
     load_flat_parameters(strat.model, before)
     assert torch.equal(flat_parameters(strat.model), before)
+
+
+def test_server_momentum_accumulates_and_frozen_coordinates_stay():
+    strat, msgs, k = _train_round_messages()
+    strat.fed = FederatedConfig(num_server_rounds=3, importance_rounds=1, server_momentum=0.5, server_lr=1.0)
+    before = flat_parameters(strat.model).clone()
+    reps = [train_reply(msgs[n], np.full(k, 0.1, np.float32), n_examples=SIZES[n]) for n in NODES]
+    arrays, _ = strat.aggregate_train(2, reps)
+    after1 = flat_parameters(strat.model).clone()
+    torch.testing.assert_close(after1[strat.mask], before[strat.mask] + 0.1)
+    strat.current_flat = after1
+    arrays, _ = strat.aggregate_train(2, reps)
+    after2 = flat_parameters(strat.model)
+    torch.testing.assert_close(after2[strat.mask], after1[strat.mask] + 0.15)  # 0.5 * 0.1 + 0.1
+    assert torch.equal(after2[~strat.mask], before[~strat.mask])
