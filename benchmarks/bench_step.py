@@ -64,15 +64,15 @@ def make_step(method: str, model_name: str, batch: int, device: torch.device, ch
         )
 
         def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            for i in range(0, batch, chunk):  # virtual steps, like BatchMemoryManager
+            # BatchMemoryManager's pattern: zero_grad before every physical batch (DPOptimizer keeps
+            # the clipped sum across skipped steps), skip the step on all but the last one
+            for i in range(0, batch, chunk):
+                opt.zero_grad(set_to_none=True)
                 F.cross_entropy(gsm(x[i : i + chunk]), y[i : i + chunk]).mul(
                     min(chunk, batch - i) / batch
                 ).backward()
-                if i + chunk < batch:
-                    opt.signal_skip_step(do_skip=True)
-                    opt.step()
-            opt.step()
+                opt.signal_skip_step(do_skip=i + chunk < batch)
+                opt.step()
 
         return step
     cfg = TrainConfig(
