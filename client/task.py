@@ -117,9 +117,7 @@ def _load_stats(engine: DPEngine, context: Context) -> None:
         return
     rec = context.state.get(P.STATE_STATS)
     if rec is None:
-        engine.stats.m.zero_()
-        engine.stats.s.zero_()
-        engine.stats.t1.zero_()
+        engine.stats.reset()
         return
     engine.stats.load_state({k: torch.from_numpy(rec[k].numpy().copy()) for k in ("m", "s", "t")})
 
@@ -187,9 +185,7 @@ def train_round(
     engine.set_mask(mask)
     _load_stats(engine, context)
     if engine.importance is not None:
-        engine.importance.total.zero_()
-        engine.importance.noise_var.zero_()
-        engine.importance.steps = 0
+        engine.importance.reset()
 
     if not cfg.private:
         mode = "nonprivate"

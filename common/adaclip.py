@@ -87,6 +87,12 @@ class AdaClipStatistics:
         rms = w[active].square().mean().sqrt() if bool(active.any()) else torch.tensor(1.0)
         return base * w / rms.clamp_min(1e-30)
 
+    def reset(self) -> None:
+        """Forget everything (a client without statistics yet)."""
+        self.m.zero_()
+        self.s.zero_()
+        self.t1.zero_()
+
     def state(self) -> dict[str, torch.Tensor]:
         return {"m": self.m.clone(), "s": self.s.clone(), "t": self.t1.clone()}
 

@@ -84,16 +84,6 @@ def aggregate_sparse(
 # ----- partitions ---------------------------------------------------------------------
 
 
-def iid_partitions(n: int, num_partitions: int, *, seed: int = 0) -> list[torch.Tensor]:
-    """Disjoint, near-equal random shards of ``range(n)`` (deterministic by seed)."""
-    if num_partitions < 1:
-        raise DataError(f"num-partitions must be >= 1, got {num_partitions}")
-    if num_partitions > n:
-        raise DataError(f"{num_partitions} silos but only {n} examples: every silo needs data")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [p.sort().values for p in torch.tensor_split(perm, num_partitions)]
-
-
 def load_silo(
     cfg: TrainConfig, partition_id: int, num_partitions: int, *, data_dir: str | None = None
 ) -> tuple[TensorData, TensorData]:

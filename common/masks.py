@@ -35,6 +35,11 @@ class ImportanceAccumulator:
         self.noise_var = torch.zeros(d, device=device, dtype=torch.float64)
         self.steps = 0
 
+    def reset(self) -> None:
+        self.total.zero_()
+        self.noise_var.zero_()
+        self.steps = 0
+
     def update_from_released(self, released: ReleasedGradient) -> None:
         if not isinstance(released, ReleasedGradient):
             raise TypeError("importance is updated from ReleasedGradient only (after noise)")

@@ -7,7 +7,7 @@ nothing is downloaded from the hub. ``cfg.partitioner`` selects:
 ``iid``
     :class:`~flwr_datasets.partitioner.IidPartitioner` over a seeded permutation of the
     data: near-equal random shards (the first ``n % num_partitions`` silos get one
-    example more). Identical to :func:`common.federated.iid_partitions`.
+    example more). Identical to the earlier torch-only split (tests/test_partition.py keeps it as the oracle).
 ``dirichlet``
     :class:`~flwr_datasets.partitioner.DirichletPartitioner` (Yurochkin et al. 2019):
     per class, the shares of the silos are drawn from Dirichlet(``alpha``); small
@@ -133,7 +133,7 @@ def _compute(labels: torch.Tensor, num_partitions: int, cfg: TrainConfig) -> lis
     partitioner = _make_partitioner(name, num_partitions, cfg, seed)
     if name in ("iid", "size-skew"):
         # both cut the dataset into contiguous blocks: shuffle it first (same permutation
-        # as common.federated.iid_partitions, so the IID split is unchanged)
+        # as the earlier torch-only split, so the IID split is unchanged)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         ds = ds.select(perm.tolist())
     partitioner.dataset = ds

@@ -14,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 from common import protocol as P
+from common.config import FederatedConfig, TrainConfig
 
 TaskIdentity.run_id = 1
 TaskIdentity.node_id = 0
@@ -76,3 +77,27 @@ class InProcessGrid:
                 reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
             replies.append(reply)
         return replies
+
+
+def small_run_configs(out_dir, data_dir, *, epsilon, rounds, train_subset, seed, min_train=3, **fed_kw):
+    """A 3-silo AdaDPIGU run on an MNIST subset that takes seconds per round."""
+    cfg = TrainConfig(
+        method="adadpigu",
+        epsilon=epsilon,
+        batch_size=32,
+        train_subset=train_subset,
+        test_subset=300,
+        seed=seed,
+        data_dir=data_dir,
+        out_dir=str(out_dir),
+    )
+    fed = FederatedConfig(
+        num_server_rounds=rounds,
+        importance_rounds=1,
+        local_epochs=0.5,
+        min_available_nodes=3,
+        min_train_nodes=min_train,
+        startup_timeout=30,
+        **fed_kw,
+    )
+    return cfg, fed

@@ -8,33 +8,16 @@ import os
 import pytest
 from flwr.app import MessageType
 
-from common.config import FederatedConfig, TrainConfig
 from server.runner import run_federated
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, small_run_configs
 
 pytestmark = pytest.mark.slow
 
 
 def configs(tmp_path, data_dir, min_train=2):
-    cfg = TrainConfig(
-        method="adadpigu",
-        epsilon=8.0,
-        batch_size=32,
-        train_subset=1500,
-        test_subset=300,
-        seed=1,
-        data_dir=data_dir,
-        out_dir=str(tmp_path),
+    return small_run_configs(
+        tmp_path, data_dir, epsilon=8.0, rounds=3, train_subset=1500, seed=1, min_train=min_train
     )
-    fed = FederatedConfig(
-        num_server_rounds=3,
-        importance_rounds=1,
-        local_epochs=0.5,
-        min_available_nodes=3,
-        min_train_nodes=min_train,
-        startup_timeout=30,
-    )
-    return cfg, fed
 
 
 def test_faulty_clients_are_left_out_and_still_charged(tmp_path, data_dir):

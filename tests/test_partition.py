@@ -11,8 +11,14 @@ import torch
 from common import partition as P
 from common.config import TrainConfig
 from common.errors import DataError
-from common.federated import iid_partitions
 from common.partition import label_distribution, partition_indices, skew_statistic
+
+
+def iid_partitions(n: int, num_partitions: int, *, seed: int = 0) -> list[torch.Tensor]:
+    """Oracle: the original torch-only IID split (disjoint near-equal shards of a seeded permutation)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [p.sort().values for p in torch.tensor_split(perm, num_partitions)]
+
 
 ALL = ("iid", "dirichlet", "pathological", "size-skew")
 

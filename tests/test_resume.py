@@ -11,35 +11,15 @@ import time
 
 import pytest
 
-from common.config import FederatedConfig, TrainConfig
 from common.errors import UserError
 from server.runner import run_federated
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, small_run_configs
 
 pytestmark = pytest.mark.slow
 
 
 def configs(tmp_path, data_dir, **fed_kw):
-    cfg = TrainConfig(
-        method="adadpigu",
-        epsilon=4.0,
-        batch_size=32,
-        train_subset=1800,
-        test_subset=300,
-        seed=0,
-        data_dir=data_dir,
-        out_dir=str(tmp_path),
-    )
-    fed = FederatedConfig(
-        num_server_rounds=4,
-        importance_rounds=1,
-        local_epochs=0.5,
-        min_available_nodes=3,
-        min_train_nodes=3,
-        startup_timeout=30,
-        **fed_kw,
-    )
-    return cfg, fed
+    return small_run_configs(tmp_path, data_dir, epsilon=4.0, rounds=4, train_subset=1800, seed=0, **fed_kw)
 
 
 def ledger_phases(run_dir):
@@ -97,7 +77,7 @@ import sys
 sys.path.insert(0, {root!r})
 from common.config import FederatedConfig, TrainConfig
 from server.runner import run_federated
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, small_run_configs
 from tests.test_resume import configs
 import pathlib
 cfg, fed = configs(pathlib.Path({out!r}), {data!r})
