@@ -30,7 +30,7 @@ IMPORTANCE = ("squared", "abs")
 SCALE_RULES = ("optimal", "sqrt")
 MASK_SCOPES = ("global", "per-layer")
 DEVICES = ("auto", "cpu", "cuda")
-PER_SAMPLE_BACKENDS = ("hooks", "functorch")
+PER_SAMPLE_BACKENDS = ("auto", "native", "hooks", "functorch")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "size-skew")
 
 DEFAULT_DATA_DIR_ENV = "ADADPIGU_DATA_DIR"
@@ -154,7 +154,7 @@ class TrainConfig:
     # execution
     seed: int = -1
     device: str = "auto"
-    per_sample_backend: str = "hooks"
+    per_sample_backend: str = "auto"
     max_physical_batch: int = 1024
     out_dir: str = "runs"
 

@@ -230,7 +230,7 @@ class DPEngine:
             chunk = idx[start : start + cfg.max_physical_batch]
             x, y = data.x[chunk].to(self.device), data.y[chunk].to(self.device)
             grads, mean_loss = self.sampler(per_example_loss, x, y)
-            acc.add(grads)
+            acc.add(grads, consume=True)  # the sampler's scratch rows: standardized in place
             loss_sum += mean_loss * int(chunk.numel())
         released = acc.release(
             noise_multiplier=noise_multiplier,

@@ -2,13 +2,19 @@
 
 - :func:`per_sample_grads` (``torch.func``: ``functional_call`` + ``vmap(grad(...))``) is
   the public, side-effect-free function: works for any differentiable model.
-- :class:`HookGradSampler` wraps the model once in Opacus' ``GradSampleModule``
-  (per-layer hooks, Yousefpour et al. 2021), which computes the same per-example
-  gradients from the activations and backprops of one ordinary backward pass.
-  Measured on this project's CPU for the MNIST CNN at batch 256 it costs about the same
-  as a non-private step, against ~2.3x for vmap (``benchmarks/bench_per_sample.py``).
+- :class:`NativeGradSampler` (backend ``native``, the default through ``auto`` for
+  models made of ``Linear``, ``Conv2d`` and ``GroupNorm``): forward hooks keep each
+  layer's input and output; one ``torch.autograd.grad`` call asks for the gradients of
+  the layer *outputs* only, so autograd never computes the ordinary batch weight
+  gradients (``p.grad``) that a hook-based sampler would throw away; per-example weight
+  gradients are then formed per layer (outer products into reused buffers for
+  ``Linear``, a batch-grouped weight-gradient convolution for ``Conv2d``).
+- :class:`HookGradSampler` (backend ``hooks``) wraps the model once in Opacus'
+  ``GradSampleModule`` (per-layer hooks, Yousefpour et al. 2021): any layer Opacus
+  supports; the fallback of ``auto``.
 
-Both return per-example gradients of the per-example loss (not of the batch mean).
+All return per-example gradients of the per-example loss (not of the batch mean).
+Timings: ``benchmarks/bench_step.py`` and docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -105,9 +111,164 @@ class FuncGradSampler:
         return [grads[n].reshape(b, -1) for n in self.names], mean_loss
 
 
-def make_grad_sampler(model: nn.Module, backend: str) -> HookGradSampler | FuncGradSampler:
+class UnsupportedLayer(ValueError):
+    """The native sampler cannot handle this model (``auto`` then uses Opacus' hooks)."""
+
+
+_NATIVE_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+
+
+class NativeGradSampler:
+    """Per-sample gradients of ``Linear``, ``Conv2d`` and ``GroupNorm`` layers, fast path.
+
+    The returned ``[b, n_k]`` tensors are scratch space owned by the sampler: they are
+    overwritten by the next call, and the caller may modify them in place
+    (``SegmentAccumulator.add(..., consume=True)`` standardizes them in place).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        owner: dict[int, tuple[nn.Module, str]] = {}
+        self.layers: list[nn.Module] = []
+        for name, module in model.named_modules():
+            direct = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not direct:
+                continue
+            if not isinstance(module, _NATIVE_LAYERS):
+                raise UnsupportedLayer(
+                    f"layer '{name}' ({type(module).__name__}) has no native per-sample rule"
+                )
+            if isinstance(module, nn.Conv2d) and (
+                module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+            ):
+                raise UnsupportedLayer(f"layer '{name}': only zero-padded, ungrouped Conv2d is native")
+            for n, p in direct:
+                if id(p) in owner:
+                    raise UnsupportedLayer(f"parameter '{name}.{n}' is shared between layers")
+                owner[id(p)] = (module, n)
+            self.layers.append(module)
+        if len(owner) != len(self.params):
+            raise UnsupportedLayer("some trainable parameters belong to no supported layer")
+        self.owner = [owner[id(p)] for p in self.params]
+        self._inputs: dict[nn.Module, torch.Tensor] = {}
+        self._outputs: dict[nn.Module, torch.Tensor] = {}
+        self._versions: dict[nn.Module, int] = {}
+        self._recording = False
+        self._buffers: dict[int, torch.Tensor] = {}
+        for module in self.layers:
+            module.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self._recording:
+            return
+        if module in self._outputs:
+            raise UnsupportedLayer(
+                f"{type(module).__name__} is called twice in one forward pass; "
+                "use per-sample-backend = 'hooks'"
+            )
+        self._inputs[module] = inputs[0].detach()
+        self._outputs[module] = output
+        self._versions[module] = output._version
+
+    def _buffer(self, k: int, b: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(k)
+        if buf is None or buf.shape[0] < b or buf.device != like.device or buf.dtype != like.dtype:
+            buf = torch.empty((b, n), device=like.device, dtype=like.dtype)
+            self._buffers[k] = buf
+        return buf[:b]
+
+    def __call__(
+        self, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[list[torch.Tensor], float]:
+        b = inputs.shape[0]
+        self._inputs.clear()
+        self._outputs.clear()
+        self._versions.clear()
+        self._recording = True
+        try:
+            with torch.enable_grad():
+                loss = loss_fn(self.model(inputs), targets)
+        finally:
+            self._recording = False
+        total = loss.sum() if loss.ndim else loss * b
+        missing = [m for m in self.layers if m not in self._outputs]
+        if missing:
+            raise UnsupportedLayer(f"{type(missing[0]).__name__} was not used in the forward pass")
+        order = list(self._outputs)
+        for m in order:
+            if self._outputs[m]._version != self._versions[m]:
+                raise UnsupportedLayer(
+                    f"the output of {type(m).__name__} is modified in place (e.g. ReLU(inplace=True)); "
+                    "use per-sample-backend = 'hooks' or an out-of-place activation"
+                )
+        backprops = dict(zip(order, torch.autograd.grad(total, [self._outputs[m] for m in order])))
+        per_layer: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        for module in order:
+            per_layer[module] = self._layer_grads(module, self._inputs[module], backprops[module])
+        grads = [per_layer[module][name].reshape(b, -1) for module, name in self.owner]
+        self._inputs.clear()
+        self._outputs.clear()
+        return grads, float(total.detach()) / max(b, 1)
+
+    def _layer_grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = a.shape[0]
+        out: dict[str, torch.Tensor] = {}
+        k = self.layers.index(module)
+        if isinstance(module, nn.Linear):
+            if a.ndim == 2:
+                w = self._buffer(2 * k, b, module.weight.numel(), a).view(b, *module.weight.shape)
+                torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=w)
+                out["weight"] = w
+                if module.bias is not None:
+                    out["bias"] = g
+            else:  # [b, ..., features]: sum over the middle dimensions
+                a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+                w = self._buffer(2 * k, b, module.weight.numel(), a).view(b, *module.weight.shape)
+                torch.bmm(g3.transpose(1, 2), a3, out=w)
+                out["weight"] = w
+                if module.bias is not None:
+                    out["bias"] = g3.sum(1)
+        elif isinstance(module, nn.Conv2d):
+            c_out, c_in = module.out_channels, module.in_channels
+            # weight gradient of a convolution with the batch as groups: one kernel per example
+            w = torch.nn.grad.conv2d_weight(
+                a.reshape(1, b * c_in, *a.shape[2:]),
+                (b * c_out, c_in, *module.kernel_size),
+                g.reshape(1, b * c_out, *g.shape[2:]),
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=b,
+            )
+            out["weight"] = w.view(b, -1)
+            if module.bias is not None:
+                out["bias"] = g.sum((2, 3))
+        else:  # GroupNorm
+            xhat = torch.nn.functional.group_norm(a, module.num_groups, eps=module.eps)
+            dims = tuple(range(2, a.ndim))
+            if module.weight is not None:
+                out["weight"] = (g * xhat).sum(dims) if dims else g * xhat
+            if module.bias is not None:
+                out["bias"] = g.sum(dims) if dims else g
+        return out
+
+
+GradSampler = HookGradSampler | FuncGradSampler | NativeGradSampler
+BACKENDS = ("auto", "native", "hooks", "functorch")
+
+
+def make_grad_sampler(model: nn.Module, backend: str) -> GradSampler:
+    """``auto``: native when every trainable layer is supported, else Opacus' hooks."""
+    if backend == "auto":
+        try:
+            return NativeGradSampler(model)
+        except UnsupportedLayer:
+            return HookGradSampler(model)
+    if backend == "native":
+        return NativeGradSampler(model)
     if backend == "hooks":
         return HookGradSampler(model)
     if backend == "functorch":
         return FuncGradSampler(model)
-    raise ValueError(f"unknown per-sample backend '{backend}' (hooks, functorch)")
+    raise ValueError(f"unknown per-sample backend '{backend}' ({', '.join(BACKENDS)})")

@@ -200,12 +200,36 @@ class SegmentAccumulator:
         self.totals = [torch.zeros(n, device=device) for n in self.sizes]
         self.count = 0
         self.clipped = 0
+        # the per-coordinate weights of stage 1, computed once per logical step exactly as
+        # standardize() computes them (so both give bit-identical rows)
+        self._weights: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        if mask is not None or center is not None or scale is not None:
+            self._weights = []
+            for k, n in enumerate(self.sizes):
+                w = torch.ones(n, device=device) if self.scale is None else self.scale[k].reciprocal()
+                if self.mask is not None:
+                    w = torch.where(self.mask[k], w, torch.zeros_like(w))
+                self._weights.append((w, None if self.center is None else -(self.center[k] * w)))
 
-    def add(self, grads: Segments) -> None:
-        """Add a chunk of per-sample gradients, one ``[b, n_k]`` view per segment."""
+    def _standardize(self, grads: Segments, consume: bool) -> list[torch.Tensor]:
+        if self._weights is None:
+            return list(grads)
+        if not consume:
+            return standardize(grads, mask=self.mask, center=self.center, scale=self.scale)
+        out = []
+        for g, (w, c) in zip(grads, self._weights):
+            out.append(g.mul_(w) if c is None else torch.addcmul(c, g, w, out=g))
+        return out
+
+    def add(self, grads: Segments, *, consume: bool = False) -> None:
+        """Add a chunk of per-sample gradients, one ``[b, n_k]`` view per segment.
+
+        ``consume=True`` lets stage 1 overwrite ``grads`` in place (no ``[b, d]`` copy);
+        the engine passes it for the scratch buffers of its per-sample sampler.
+        """
         if not grads or grads[0].shape[0] == 0:
             return
-        z = standardize(grads, mask=self.mask, center=self.center, scale=self.scale)
+        z = self._standardize(grads, consume)
         norms = row_norms(z)
         factors = clip_factors(norms, self.clip_norm)
         for k, part in enumerate(clipped_sum(z, factors)):

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.models import build_model
-from common.per_sample import FuncGradSampler, HookGradSampler, per_sample_grads
+from common.per_sample import (
+    FuncGradSampler,
+    HookGradSampler,
+    NativeGradSampler,
+    UnsupportedLayer,
+    make_grad_sampler,
+    per_sample_grads,
+)
 
 
 def loss_fn(out, y):
@@ -34,6 +41,22 @@ def _cases():
         torch.randn(4, 2, 8, 8),
     )
     yield "linear", nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 5)), torch.randn(4, 6)
+    yield (
+        "conv-dilated-nobias",
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=(1, 2), padding=(2, 1), dilation=2, bias=False),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 1),
+            nn.Flatten(),
+            nn.Linear(4 * 7 * 2, 5),
+        ),
+        torch.randn(4, 3, 8, 7),
+    )
+    yield (
+        "linear-3d",
+        nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Flatten(), nn.Linear(21, 5)),
+        torch.randn(4, 3, 6),
+    )
     yield (
         "groupnorm",
         nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)),
@@ -91,3 +114,70 @@ def test_func_sampler_interface_matches_hooks():
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert l1 == pytest.approx(l2, rel=1e-5)
+
+
+NATIVE = {
+    "conv2d",
+    "linear",
+    "conv-dilated-nobias",
+    "linear-3d",
+    "groupnorm",
+    "mnist-cnn",
+    "cifar-cnn",
+    "resnet18-gn",
+}
+
+
+@pytest.mark.parametrize(("name", "model", "x"), CASES, ids=[c[0] for c in CASES])
+def test_native_matches_loop_or_refuses(name, model, x):
+    import copy
+
+    model = copy.deepcopy(model)
+    y = torch.arange(x.shape[0]) % 5
+    if name not in NATIVE:
+        with pytest.raises(UnsupportedLayer):
+            NativeGradSampler(model)
+        assert isinstance(make_grad_sampler(model, "auto"), HookGradSampler)
+        return
+    ref = loop_reference(model, x, y)
+    model.zero_grad(set_to_none=True)
+    names = [n for n, _ in model.named_parameters()]
+    sampler = make_grad_sampler(model, "auto")
+    assert isinstance(sampler, NativeGradSampler)
+    for b in (x.shape[0], x.shape[0] - 1, x.shape[0]):  # buffers reused across chunk sizes
+        grads, mean_loss = sampler(loss_fn, x[:b], y[:b])
+        assert len(grads) == len(names)
+        for n, g in zip(names, grads):
+            torch.testing.assert_close(g, ref[n][:b].reshape(b, -1), atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            assert mean_loss == pytest.approx(float(loss_fn(model(x[:b]), y[:b]).mean()), rel=1e-5)
+    # the ordinary batch gradient is never formed, and nothing is left behind
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_native_refuses_in_place_modification_of_a_layer_output():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2))
+    sampler = NativeGradSampler(model)
+    with pytest.raises(UnsupportedLayer, match="in place"):
+        sampler(loss_fn, torch.randn(3, 4), torch.tensor([0, 1, 0]))
+
+
+def test_native_refuses_a_layer_used_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    with pytest.raises(UnsupportedLayer, match="twice"):
+        NativeGradSampler(Twice())(loss_fn, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_native_hooks_are_silent_outside_a_call():
+    model = build_model("mnist-cnn", "mnist")
+    sampler = NativeGradSampler(model)
+    with torch.no_grad():
+        model(torch.randn(2, 1, 28, 28))  # evaluation: nothing recorded
+    assert not sampler._outputs
