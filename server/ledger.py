@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from common.accounting import Phase, PrivacyTracker, compose, epsilon_of_event
+from common.accounting import Phase, PrivacyTracker, budget_epsilon, compute_epsilon
 from common.errors import BudgetError
 
 
@@ -21,7 +21,6 @@ class PrivacyLedger:
         self.target_epsilon = target_epsilon
         self.clients: dict[str, PrivacyTracker] = {}
         self.history: dict[str, list[dict]] = {}
-        self._cache: dict[tuple, float] = {}
 
     def _tracker(self, client: str) -> PrivacyTracker:
         if client not in self.clients:
@@ -32,17 +31,24 @@ class PrivacyLedger:
         return self.clients[client]
 
     def _epsilon(self, phases: list[Phase]) -> float:
-        key = tuple((p.noise_multiplier, p.sample_rate, p.steps) for p in phases)
-        if key not in self._cache:
-            self._cache[key] = epsilon_of_event(compose(phases), self.delta, self.accountant)
-        return self._cache[key]
+        return compute_epsilon(phases=phases, delta=self.delta, accountant=self.accountant)
 
     def epsilon_after(self, client: str, phase: Phase) -> float:
         return self._epsilon(self._tracker(client)._merge(phase))
 
     def check_round(self, planned: dict[str, Phase]) -> dict[str, float]:
-        """Epsilon each client would reach; BudgetError naming those that would exceed it."""
-        after = {c: self.epsilon_after(c, ph) for c, ph in planned.items()}
+        """An upper bound on the epsilon each client would reach (fine-grid wherever it
+        decides the check, :func:`~common.accounting.budget_epsilon`); BudgetError naming
+        those that would exceed the target."""
+        after = {
+            c: budget_epsilon(
+                self._tracker(c)._merge(ph),
+                delta=self.delta,
+                accountant=self.accountant,
+                target=self.target_epsilon,
+            )
+            for c, ph in planned.items()
+        }
         if self.target_epsilon is not None:
             over = {c: e for c, e in after.items() if e > self.target_epsilon * (1 + 1e-9)}
             if over:

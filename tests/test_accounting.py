@@ -72,3 +72,43 @@ def test_tracker_refuses_a_phase_that_would_exceed_target():
     with pytest.raises(BudgetError, match="would reach epsilon"):
         tracker.check(Phase(0.5, 0.5, 1000))
     assert tracker.steps == 200  # nothing recorded for the refused phase
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps"),
+    [(0.9, 0.047, 420), (1.5, 0.0095, 4200), (0.75, 0.05, 60), (3.0, 0.01, 10)],
+)
+def test_budget_epsilon_is_never_below_the_fine_grid_and_decides_checks_identically(sigma, q, steps):
+    """The coarse-first check is an upper bound and accepts/refuses exactly as the fine one."""
+    from common.accounting import PLD_COARSE_GRID, budget_epsilon, compose, epsilon_of_event
+
+    phases = [Phase(sigma, q, steps)]
+    fine = compute_epsilon(phases=phases, delta=1e-5)
+    coarse = epsilon_of_event(compose(phases), 1e-5, grid=PLD_COARSE_GRID)
+    assert coarse >= fine  # pessimistic discretization: coarser is looser, never tighter
+    for target in (fine * 0.999, fine, fine * 1.0005, (fine + coarse) / 2, coarse * 1.01, None):
+        got = budget_epsilon(phases, delta=1e-5, accountant="pld", target=target)
+        assert got >= fine
+        if target is not None:
+            assert (got <= target) == (fine <= target)
+
+
+def test_tracker_check_accepts_up_to_the_fine_grid_target():
+    """A plan calibrated to exactly the target on the fine grid passes the (coarse-first) check."""
+    sigma = calibrate_noise(2.0, 1e-5, 0.01, 1000)
+    tracker = PrivacyTracker(delta=1e-5, target_epsilon=2.0)
+    eps = tracker.check(Phase(sigma, 0.01, 1000))
+    assert eps <= 2.0
+    tracker.spend(Phase(sigma, 0.01, 1000))
+    with pytest.raises(BudgetError):
+        tracker.check(Phase(sigma, 0.01, 100))
+
+
+def test_epsilon_is_memoised_per_history():
+    from common.accounting import _epsilon_of_phases
+
+    phases = [Phase(1.1, 0.02, 123)]
+    compute_epsilon(phases=phases, delta=1e-5)
+    hits = _epsilon_of_phases.cache_info().hits
+    compute_epsilon(phases=[Phase(1.1, 0.02, 123)], delta=1e-5)
+    assert _epsilon_of_phases.cache_info().hits == hits + 1
