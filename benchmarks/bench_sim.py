@@ -124,7 +124,12 @@ def run_one(clients: int, *, per_client: int, rounds: int, batch: int, cores: in
         total = time.time() - t0
     with open(os.path.join(summary["run_dir"], "metrics.json")) as fh:
         rows = [r for r in json.load(fh) if r["round"] > 0]
-    round_s = statistics.median(r["seconds"] for r in rows)
+    # a round's full period (including the server's per-round files and checkpoint) is the
+    # time between the starts of consecutive rounds
+    starts = [r["started_at"] for r in rows]
+    periods = [b - a for a, b in zip(starts, starts[1:])] or [rows[0]["seconds"]]
+    round_s = statistics.median(periods)
+    clients_s = statistics.median(r["seconds_clients"] for r in rows)
     ideal = clients * plan.local_steps * t_step / cores
     return {
         "clients": clients,
@@ -134,6 +139,7 @@ def run_one(clients: int, *, per_client: int, rounds: int, batch: int, cores: in
         "cores": cores,
         "step_ms": t_step * 1e3,
         "round_seconds_median": round_s,
+        "client_phase_seconds_median": clients_s,
         "ideal_round_seconds": ideal,
         "overhead_ratio": round_s / ideal,
         "total_seconds": total,
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", nargs="+", type=int, default=[10, 50, 100])
     p.add_argument("--per-client", type=int, default=600, help="examples per silo (MNIST subset)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out-dir", default="runs/bench_sim")
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.smoke:
-        args.clients, args.per_client, args.rounds = [2], 100, 1
+        args.clients, args.per_client, args.rounds = [2], 100, 2
     rows = []
     for n in args.clients:
         row = run_one(

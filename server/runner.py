@@ -250,7 +250,9 @@ def run_federated(
         strategy.record_spend(rnd)
         # write-ahead: the spend is on disk before any client starts training
         write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
+        t_send = time.time()
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        t_clients = time.time() - t_send
         new_arrays, agg = strategy.aggregate_train(rnd, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -293,6 +295,10 @@ def run_federated(
             / max(int(agg_d.get("clients-valid", 0)), 1),
             "dense_bytes": 4 * strategy.d,
             "seconds": time.time() - t_round,
+            # wall time from sending the training messages to the last reply (the rest of
+            # "seconds" is the server's own work: checks, aggregation, evaluation, files)
+            "seconds_clients": t_clients,
+            "started_at": t_round,
         }
         rows.append(row)
         if not math.isnan(val_acc) and val_acc > best["val_accuracy"]:

@@ -112,3 +112,23 @@ def test_epsilon_is_memoised_per_history():
     hits = _epsilon_of_phases.cache_info().hits
     compute_epsilon(phases=[Phase(1.1, 0.02, 123)], delta=1e-5)
     assert _epsilon_of_phases.cache_info().hits == hits + 1
+
+
+@pytest.mark.parametrize(
+    "phases",
+    [
+        [Phase(0.9, 0.047, 420)],
+        [Phase(0.9, 0.047, 42), Phase(0.8, 0.047, 420)],
+        [Phase(2.0, 1.0, 5)],
+        [Phase(1.2, 0.01, 0), Phase(1.1, 0.02, 30)],
+    ],
+)
+def test_memoised_pld_is_bit_identical_to_dp_accounting(phases):
+    """Our PLD path (single-step PLDs built once) gives exactly PLDAccountant's epsilon."""
+    from dp_accounting import pld
+
+    from common.accounting import compose
+
+    acc = pld.PLDAccountant()
+    acc.compose(compose(phases))
+    assert compute_epsilon(phases=phases, delta=1e-5) == acc.get_epsilon(1e-5)
