@@ -15,7 +15,9 @@ A sweep file::
     seed = [0, 1, 2]
 
 ``adadpigu sweep FILE`` runs the cells in sequence, skipping those already finished
-(a cell is finished when its folder holds ``summary.json``), then writes ``results.csv``
+(a cell is finished when its folder holds ``summary.json``) and those another live
+``adadpigu sweep`` process has claimed (a ``.running`` file with its PID), so one grid
+can be shared by several processes, one per core; then it writes ``results.csv``
 (one row per run) and ``results.md`` (mean ± std over seeds). ``adadpigu report DIR``
 builds the same tables from any folder of run folders.
 """
@@ -127,29 +129,83 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> list[dict]
         if os.path.exists(os.path.join(target, "summary.json")):
             log(f"[sweep {i}/{len(cells)}] done already: {cell}")
             continue
-        cfg, fed = configs_for(sweep, cell)
-        cfg = cfg.replace(out_dir=target)
-        log(f"[sweep {i}/{len(cells)}] running {cell}")
-        t0 = time.time()
-        if sweep.mode == "central":
-            from common.trainer import train_centralized
-
-            summary = train_centralized(cfg, log=lambda s: None, run_dir=target)
-        else:
-            from simulations.commands import simulate
-
-            summary = simulate(
-                cfg, fed, num_supernodes=sweep.num_supernodes, num_cpus=sweep.num_cpus, run_dir=target
-            )
-            if summary is None:
-                raise UserError(f"federated cell {cell} did not complete; see the log")
-        log(
-            f"[sweep {i}/{len(cells)}] {cell}: test accuracy {summary.get('test_accuracy_best_val'):.4f} "
-            f"in {time.time() - t0:.0f}s"
-        )
+        if not _claim(target):
+            log(f"[sweep {i}/{len(cells)}] running in another process: {cell}")
+            continue
+        try:
+            _run_cell(sweep, cell, target, f"[sweep {i}/{len(cells)}]", log)
+        finally:
+            _release(target)
     rows = collect(sweep.out_dir)
     write_tables(rows, sweep.out_dir, group=[k for k in sweep.grid if k != "seed"])
     return rows
+
+
+CLAIM_FILE = ".running"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(target: str) -> bool:
+    """Claim a cell for this process (so several ``adadpigu sweep`` processes can share one
+    grid); a claim whose process is gone (killed, crashed) is taken over."""
+    os.makedirs(target, exist_ok=True)
+    path = os.path.join(target, CLAIM_FILE)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as fh:
+                    owner = int(fh.read().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _pid_alive(owner):
+                return False
+            try:
+                os.remove(path)  # stale claim
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _release(target: str) -> None:
+    try:
+        os.remove(os.path.join(target, CLAIM_FILE))
+    except FileNotFoundError:
+        pass
+
+
+def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[str], None]) -> None:
+    cfg, fed = configs_for(sweep, cell)
+    cfg = cfg.replace(out_dir=target)
+    log(f"{tag} running {cell}")
+    t0 = time.time()
+    if sweep.mode == "central":
+        from common.trainer import train_centralized
+
+        summary = train_centralized(cfg, log=lambda s: None, run_dir=target)
+    else:
+        from simulations.commands import simulate
+
+        summary = simulate(
+            cfg, fed, num_supernodes=sweep.num_supernodes, num_cpus=sweep.num_cpus, run_dir=target
+        )
+        if summary is None:
+            raise UserError(f"federated cell {cell} did not complete; see the log")
+    log(f"{tag} {cell}: test accuracy {summary.get('test_accuracy_best_val'):.4f} in {time.time() - t0:.0f}s")
 
 
 def collect(root: str) -> list[dict]:

@@ -73,3 +73,31 @@ def test_shipped_sweep_files_are_valid():
     for path in files:
         sweep = load_sweep(path)  # validates every cell's settings
         assert sweep.cells(), path
+
+
+def test_cells_claimed_by_a_live_process_are_left_to_it_and_stale_claims_taken_over(tmp_path, data_dir):
+    """Several `adadpigu sweep` processes can share a grid: a cell another live process is
+    running is skipped; the claim of a process that died is taken over; claims are released."""
+    import subprocess
+    import sys
+
+    sweep = load_sweep(write_sweep(tmp_path, data_dir, grid='method = ["dpsgd", "nonprivate"]\nseed = [0]\n'))
+    busy, stale = (cell_dir(sweep, c) for c in sweep.cells())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for folder, pid in ((busy, other.pid), (stale, dead.pid)):
+            os.makedirs(folder)
+            with open(os.path.join(folder, ".running"), "w") as fh:
+                fh.write(str(pid))
+        logs: list[str] = []
+        rows = run_sweep(sweep, log=logs.append)
+    finally:
+        other.kill()
+        other.wait()
+    assert sum("another process" in line for line in logs) == 1
+    assert sum("running {" in line for line in logs) == 1
+    assert len(rows) == 1 and os.path.exists(os.path.join(stale, "summary.json"))
+    assert not os.path.exists(os.path.join(stale, ".running"))
+    assert not os.path.exists(os.path.join(busy, "summary.json"))
