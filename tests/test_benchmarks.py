@@ -54,3 +54,19 @@ def test_bench_sim_smoke_produces_a_row(tmp_path):
     assert len(rows) == 1
     for key in ("clients", "round_seconds_median", "ideal_round_seconds", "overhead_ratio", "peak_rss_mb"):
         assert key in rows[0] and rows[0][key] > 0
+    assert 0 < rows[0]["client_phase_seconds_median"] <= rows[0]["round_seconds_median"] * 1.5
+
+
+def test_bench_accounting_smoke_rows_parse_and_match_the_accountant(tmp_path):
+    out = tmp_path / "acc.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_accounting", "--smoke", "--json", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]  # it raises if an epsilon differs from PLDAccountant
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 5 and json.loads(out.read_text())["rows"] == rows
+    assert all(r["seconds"] > 0 for r in rows)
+    assert all(r["epsilon"] > 0 for r in rows if r["what"].startswith("ledger"))
