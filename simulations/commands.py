@@ -52,6 +52,9 @@ def simulate(
         )
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts its workers at nice 15: next to any normal-priority process the clients
+    # then get a few percent of a core. Run them at the caller's priority unless told otherwise.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Ray workers import the apps by module name: make the project importable there.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
