@@ -46,3 +46,21 @@ def test_batchnorm_refused_with_layer_name():
 def test_wrong_input_shape_refused():
     with pytest.raises(ModelError, match="needs 1x28x28"):
         build_model("mnist-cnn", "cifar10")
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 14, 14), (3, 2, 6, 7)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_channels_last_max_pool_is_bit_identical_to_max_pool2d(shape, ties):
+    """The MNIST CNN's pooling layer: same values and same gradients as nn.MaxPool2d(2, 1),
+    ties included (they decide which input gets the gradient)."""
+    from common.models import MaxPool2dStride1
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, shape).float() if ties else torch.randn(shape)
+    g = torch.randint(-3, 4, (shape[0], shape[1], shape[2] - 1, shape[3] - 1)).float()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = torch.nn.MaxPool2d(2, 1)(a), MaxPool2dStride1(2)(b)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+    assert yb.is_contiguous()
