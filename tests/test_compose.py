@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -310,6 +311,8 @@ def test_tls_supernode_connects_with_generated_certificates(certs, tmp_path):
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
+        # the SuperLink spawns flower-superexec by name: the venv's bin even when not activated
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
     }
     link_port, node_port = deploy.free_port(), deploy.free_port()
     tracker = deploy.ProcessTracker()
