@@ -70,7 +70,12 @@ def _device() -> torch.device:
 
 
 def get_engine(cfg: TrainConfig, silo: Silo) -> DPEngine:
-    key = (cfg.digest(), silo.partition_id, silo.num_partitions)
+    """The process's engine for these settings, shared by every silo this process serves
+    (a simulation worker runs many clients in turn): model, optimizer, per-sample sampler
+    and its buffers are built once. Nothing of one client survives into another's round:
+    ``train_round`` loads the global weights, the client's own mask, statistics, sampling
+    rate and generators, and resets the optimizer and importance sums every time."""
+    key = cfg.digest()
     eng = _ENGINES.get(key)
     if eng is None:
         device = _device()
