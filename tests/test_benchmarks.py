@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_step_smoke_produces_every_row():
     proc = subprocess.run(
@@ -70,3 +72,24 @@ def test_bench_accounting_smoke_rows_parse_and_match_the_accountant(tmp_path):
     assert len(rows) == 5 and json.loads(out.read_text())["rows"] == rows
     assert all(r["seconds"] > 0 for r in rows)
     assert all(r["epsilon"] > 0 for r in rows if r["what"].startswith("ledger"))
+    from benchmarks.tables import render
+
+    table = render(str(out)).splitlines()
+    assert table[0].startswith("| what |") and len(table) == 2 + len(rows)
+
+
+def test_tables_render_step_and_sim_files(tmp_path):
+    from benchmarks.tables import render
+
+    step = {"rows": [{"model": "m", "batch_size": 8, "method": "dpsgd", "median_ms": 1.0, "peak_mb": 10.0,
+                      "ratio_nonprivate": 2.0, "ratio_opacus": 0.9}]}  # fmt: skip
+    sim = {"rows": [{"clients": 10, "examples_per_client": 600, "local_steps": 8, "batch_size": 64,
+                     "round_seconds_median": 1.0, "client_phase_seconds_median": 0.8,
+                     "ideal_round_seconds": 0.5, "overhead_ratio": 2.0, "peak_rss_mb": 100.0}]}  # fmt: skip
+    for name, data, head in (("s.json", step, "| model |"), ("i.json", sim, "| clients |")):
+        (tmp_path / name).write_text(json.dumps(data))
+        lines = render(str(tmp_path / name)).splitlines()
+        assert lines[0].startswith(head) and len(lines) == 3
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"x": 1}]}))
+    with pytest.raises(ValueError, match="not a bench"):
+        render(str(tmp_path / "bad.json"))
