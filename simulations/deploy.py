@@ -105,7 +105,8 @@ def resolve_run_config(overrides: Mapping[str, Any], *, silos: int) -> dict[str,
             "[tool.flwr.app.config] of pyproject.toml"
         )
     merged = {**defaults, **overrides}
-    _, fed = split_run_config(merged)  # raises ConfigError on a bad value
+    cfg, fed = split_run_config(merged)  # raises ConfigError on a bad value
+    fed.importance_rounds_for(cfg)  # settings that only fail together (e.g. importance vs total rounds)
     need = max(fed.min_available_nodes, fed.min_train_nodes)
     if need > silos:
         raise ConfigError(

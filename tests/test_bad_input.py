@@ -119,6 +119,10 @@ CASES = {
         "importance-rounds",
     ),
     "sweep: missing file": (["sweep", "/nonexistent/sweep.toml"], "does not exist"),
+    "deploy-local: importance rounds >= rounds": (
+        ["deploy-local", "--silos", "2", "--run-config", "num-server-rounds=2 importance-rounds=2"],
+        "importance-rounds",
+    ),
 }
 
 

@@ -248,7 +248,11 @@ def test_ctrl_c_stops_every_process(tmp_path, data_dir, tag):
     env = {**os.environ, "ADADPIGU_DATA_DIR": data_dir, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "simulations.cli", "deploy-local", "--silos", "2"]
     cmd += ["--superlink-port", "0", "--supernode-port", "0", "--timeout", "120"]
-    cmd += ["--run-config", f"num-server-rounds=2 train-subset=1000 out-dir='{tmp_path / 'runs'}'"]
+    # long enough to be running when Ctrl-C arrives
+    cmd += [
+        "--run-config",
+        f"num-server-rounds=50 importance-rounds=1 train-subset=1000 out-dir='{tmp_path / 'runs'}'",
+    ]
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
