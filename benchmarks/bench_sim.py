@@ -81,20 +81,18 @@ def step_time(cfg, n_train: int) -> float:
         sampling_generator=make_generator(0, "s"),
     )
     data = TensorData(torch.randn(n_train, 1, 28, 28), torch.randint(0, 10, (n_train,)))
-    for _ in range(2):
+    for _ in range(5):
         eng.step(data, mode="flat", noise_multiplier=1.0)
     times = []
-    for _ in range(10):
+    for _ in range(40):
         t = time.perf_counter()
         eng.step(data, mode="flat", noise_multiplier=1.0)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def run_one(clients: int, *, per_client: int, rounds: int, batch: int, cores: int, out_dir: str) -> dict:
+def _configs(clients: int, *, per_client: int, rounds: int, batch: int, out_dir: str):
     from common.config import FederatedConfig, TrainConfig
-    from common.federated import ClientPlan
-    from simulations.commands import simulate
 
     cfg = TrainConfig(
         method="dpsgd",
@@ -114,10 +112,28 @@ def run_one(clients: int, *, per_client: int, rounds: int, batch: int, cores: in
         min_train_nodes=clients,
         fraction_evaluate=0.0,
     )
+    return cfg, fed
+
+
+def client_step_time(*, per_client: int, batch: int) -> tuple[float, int]:
+    """One client's DP step time (serial, one thread) and its local steps per round; the
+    same for every client count (every silo has ``per_client`` examples). Measured once,
+    before any Ray process exists, so that all rows share one ideal per client."""
+    from common.federated import ClientPlan
+
+    cfg, fed = _configs(1, per_client=per_client, rounds=1, batch=batch, out_dir="unused")
     n_train = int(round(per_client * 0.9))
     plan = ClientPlan.for_silo(cfg, fed, n_train)
     torch.set_num_threads(1)
-    t_step = step_time(cfg.replace(sample_rate=plan.sample_rate), n_train)
+    return step_time(cfg.replace(sample_rate=plan.sample_rate), n_train), plan.local_steps
+
+
+def run_one(
+    clients: int, *, per_client: int, rounds: int, batch: int, cores: int, out_dir: str, t_step: float, local_steps: int
+) -> dict:
+    from simulations.commands import simulate
+
+    cfg, fed = _configs(clients, per_client=per_client, rounds=rounds, batch=batch, out_dir=out_dir)
     with PeakMemory() as mem:
         t0 = time.time()
         summary = simulate(cfg, fed, num_supernodes=clients, num_cpus=1.0, ray_num_cpus=cores)
@@ -130,11 +146,11 @@ def run_one(clients: int, *, per_client: int, rounds: int, batch: int, cores: in
     periods = [b - a for a, b in zip(starts, starts[1:])] or [rows[0]["seconds"]]
     round_s = statistics.median(periods)
     clients_s = statistics.median(r["seconds_clients"] for r in rows)
-    ideal = clients * plan.local_steps * t_step / cores
+    ideal = clients * local_steps * t_step / cores
     return {
         "clients": clients,
         "examples_per_client": per_client,
-        "local_steps": plan.local_steps,
+        "local_steps": local_steps,
         "batch_size": batch,
         "cores": cores,
         "step_ms": t_step * 1e3,
@@ -161,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.clients, args.per_client, args.rounds = [2], 100, 2
+    t_step, local_steps = client_step_time(per_client=args.per_client, batch=args.batch_size)
     rows = []
     for n in args.clients:
         row = run_one(
@@ -170,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             batch=args.batch_size,
             cores=args.cores,
             out_dir=args.out_dir,
+            t_step=t_step,
+            local_steps=local_steps,
         )
         rows.append(row)
         print(
