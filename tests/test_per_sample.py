@@ -53,6 +53,16 @@ def _cases():
         torch.randn(4, 3, 8, 7),
     )
     yield (
+        "conv-im2col",  # small maps, many input channels: the im2col + bmm branch
+        nn.Sequential(
+            nn.Conv2d(64, 6, 3, stride=2, padding=2, dilation=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(6 * 3 * 3, 5),
+        ),
+        torch.randn(3, 64, 6, 6),
+    )
+    yield (
         "linear-3d",
         nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Flatten(), nn.Linear(21, 5)),
         torch.randn(4, 3, 6),
@@ -118,6 +128,7 @@ def test_func_sampler_interface_matches_hooks():
 
 NATIVE = {
     "conv2d",
+    "conv-im2col",
     "linear",
     "conv-dilated-nobias",
     "linear-3d",
