@@ -129,7 +129,15 @@ def client_step_time(*, per_client: int, batch: int) -> tuple[float, int]:
 
 
 def run_one(
-    clients: int, *, per_client: int, rounds: int, batch: int, cores: int, out_dir: str, t_step: float, local_steps: int
+    clients: int,
+    *,
+    per_client: int,
+    rounds: int,
+    batch: int,
+    cores: int,
+    out_dir: str,
+    t_step: float,
+    local_steps: int,
 ) -> dict:
     from simulations.commands import simulate
 
