@@ -155,7 +155,7 @@ class NativeGradSampler:
         self._outputs: dict[nn.Module, torch.Tensor] = {}
         self._versions: dict[nn.Module, int] = {}
         self._recording = False
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._buffers: dict[nn.Module, torch.Tensor] = {}
         for module in self.layers:
             module.register_forward_hook(self._capture)
 
@@ -171,11 +171,12 @@ class NativeGradSampler:
         self._outputs[module] = output
         self._versions[module] = output._version
 
-    def _buffer(self, k: int, b: int, n: int, like: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(k)
+    def _buffer(self, module: nn.Module, b: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        """A reused ``[>= b, n]`` scratch buffer for ``module``'s per-example weight gradients."""
+        buf = self._buffers.get(module)
         if buf is None or buf.shape[0] < b or buf.device != like.device or buf.dtype != like.dtype:
             buf = torch.empty((b, n), device=like.device, dtype=like.dtype)
-            self._buffers[k] = buf
+            self._buffers[module] = buf
         return buf[:b]
 
     def __call__(
@@ -214,17 +215,16 @@ class NativeGradSampler:
     def _layer_grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
         b = a.shape[0]
         out: dict[str, torch.Tensor] = {}
-        k = self.layers.index(module)
         if isinstance(module, nn.Linear):
             if a.ndim == 2:
-                w = self._buffer(2 * k, b, module.weight.numel(), a).view(b, *module.weight.shape)
+                w = self._buffer(module, b, module.weight.numel(), a).view(b, *module.weight.shape)
                 torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=w)
                 out["weight"] = w
                 if module.bias is not None:
                     out["bias"] = g
             else:  # [b, ..., features]: sum over the middle dimensions
                 a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
-                w = self._buffer(2 * k, b, module.weight.numel(), a).view(b, *module.weight.shape)
+                w = self._buffer(module, b, module.weight.numel(), a).view(b, *module.weight.shape)
                 torch.bmm(g3.transpose(1, 2), a3, out=w)
                 out["weight"] = w
                 if module.bias is not None:
@@ -256,7 +256,7 @@ class NativeGradSampler:
                     padding=module.padding,
                     stride=module.stride,
                 )
-                w = self._buffer(2 * k, b, module.weight.numel(), a).view(b, c_out, patch)
+                w = self._buffer(module, b, module.weight.numel(), a).view(b, c_out, patch)
                 torch.bmm(g.reshape(b, c_out, positions), cols.transpose(1, 2), out=w)
                 out["weight"] = w.view(b, -1)
             if module.bias is not None:

@@ -63,6 +63,40 @@ def _segments_of(flat: torch.Tensor | None, sizes: Sequence[int]) -> list[torch.
     return list(torch.split(flat, list(sizes)))
 
 
+def _stage1_weights(
+    sizes: Sequence[int],
+    mask: OptSegments,
+    center: OptSegments,
+    scale: OptSegments,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """Per segment ``(w, -a * w)`` with ``w = mask / b`` (None: stage 1 is the identity)."""
+    if mask is None and center is None and scale is None:
+        return None
+    out = []
+    for k, n in enumerate(sizes):
+        w = torch.ones(n, device=device, dtype=dtype) if scale is None else scale[k].reciprocal()
+        if mask is not None:
+            w = torch.where(mask[k], w, torch.zeros_like(w))
+        out.append((w, None if center is None else -(center[k] * w)))
+    return out
+
+
+def _apply_stage1(
+    grads: Segments, weights: list[tuple[torch.Tensor, torch.Tensor | None]], *, in_place: bool
+) -> list[torch.Tensor]:
+    """``Z = G * w - a * w``, one fused pass per segment; ``in_place`` overwrites ``grads``."""
+    out = []
+    for g, (w, c) in zip(grads, weights):
+        if c is None:
+            out.append(g.mul_(w) if in_place else g * w)
+        else:
+            out.append(torch.addcmul(c, g, w, out=g) if in_place else torch.addcmul(c, g, w))
+    return out
+
+
 def standardize(
     grads: Segments, *, mask: OptSegments = None, center: OptSegments = None, scale: OptSegments = None
 ) -> list[torch.Tensor]:
@@ -71,18 +105,11 @@ def standardize(
     With no mask, center or scale the inputs are returned as they are (no copy).
     One fused pass per segment: ``Z = G * w - a * w`` with ``w = mask / b``.
     """
-    if mask is None and center is None and scale is None:
-        return list(grads)
-    out = []
-    for k, g in enumerate(grads):
-        w = torch.ones_like(g[0]) if scale is None else scale[k].reciprocal()
-        if mask is not None:
-            w = torch.where(mask[k], w, torch.zeros_like(w))
-        if center is None:
-            out.append(g * w)
-        else:
-            out.append(torch.addcmul(-(center[k] * w), g, w))
-    return out
+    if not grads:
+        return []
+    sizes = [g.shape[-1] for g in grads]
+    weights = _stage1_weights(sizes, mask, center, scale, device=grads[0].device, dtype=grads[0].dtype)
+    return list(grads) if weights is None else _apply_stage1(grads, weights, in_place=False)
 
 
 def row_norms(parts: Segments) -> torch.Tensor:
@@ -200,26 +227,13 @@ class SegmentAccumulator:
         self.totals = [torch.zeros(n, device=device) for n in self.sizes]
         self.count = 0
         self.clipped = 0
-        # the per-coordinate weights of stage 1, computed once per logical step exactly as
-        # standardize() computes them (so both give bit-identical rows)
-        self._weights: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        if mask is not None or center is not None or scale is not None:
-            self._weights = []
-            for k, n in enumerate(self.sizes):
-                w = torch.ones(n, device=device) if self.scale is None else self.scale[k].reciprocal()
-                if self.mask is not None:
-                    w = torch.where(self.mask[k], w, torch.zeros_like(w))
-                self._weights.append((w, None if self.center is None else -(self.center[k] * w)))
+        # stage 1's per-coordinate weights, computed once per logical step
+        self._weights = _stage1_weights(self.sizes, self.mask, self.center, self.scale, device=device)
 
     def _standardize(self, grads: Segments, consume: bool) -> list[torch.Tensor]:
         if self._weights is None:
             return list(grads)
-        if not consume:
-            return standardize(grads, mask=self.mask, center=self.center, scale=self.scale)
-        out = []
-        for g, (w, c) in zip(grads, self._weights):
-            out.append(g.mul_(w) if c is None else torch.addcmul(c, g, w, out=g))
-        return out
+        return _apply_stage1(grads, self._weights, in_place=consume)
 
     def add(self, grads: Segments, *, consume: bool = False) -> None:
         """Add a chunk of per-sample gradients, one ``[b, n_k]`` view per segment.

@@ -159,7 +159,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     return fields[0], int(fields[1]), int(fields[19])
 
 
-def _alive(pid: int, start: int | None = None) -> bool:
+def process_alive(pid: int, start: int | None = None) -> bool:
     """Whether the process exists, is not a zombie and (if given) has this start time."""
     st = _proc_stat(pid)
     if st is None:
@@ -247,7 +247,7 @@ class ProcessTracker:
             st = _proc_stat(int(entry))
             if st is not None:
                 children[st[1]].append((int(entry), st[2]))
-        stack = [pid for pid, start in self.known.items() if _alive(pid, start)]
+        stack = [pid for pid, start in self.known.items() if process_alive(pid, start)]
         while stack:
             pid = stack.pop()
             for child, start in children.get(pid, ()):
@@ -260,7 +260,7 @@ class ProcessTracker:
         return sorted(pid for pid in self.known if pid not in roots)
 
     def _living(self) -> list[tuple[int, int]]:
-        return [(pid, start) for pid, start in self.known.items() if _alive(pid, start)]
+        return [(pid, start) for pid, start in self.known.items() if process_alive(pid, start)]
 
     def _signal_all(self, sig: int) -> None:
         groups: set[int] = set()

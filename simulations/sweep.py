@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, fields
 
 from common.config import FederatedConfig, TrainConfig
 from common.errors import ConfigError, UserError
+from simulations.deploy import process_alive
 
 # summary.json key -> results column
 SUMMARY_KEYS = {
@@ -144,16 +145,6 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> list[dict]
 CLAIM_FILE = ".running"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _claim(target: str) -> bool:
     """Claim a cell for this process (so several ``adadpigu sweep`` processes can share one
     grid); a claim whose process is gone (killed, crashed) is taken over."""
@@ -168,7 +159,7 @@ def _claim(target: str) -> bool:
                     owner = int(fh.read().strip() or 0)
             except (OSError, ValueError):
                 owner = 0
-            if owner and owner != os.getpid() and _pid_alive(owner):
+            if owner and owner != os.getpid() and process_alive(owner):
                 return False
             try:
                 os.remove(path)  # stale claim

@@ -55,7 +55,7 @@ def _tagged_processes(tag: str) -> list[int]:
                 env = fh.read().split(b"\0")
         except OSError:
             continue
-        if needle in env and deploy._alive(int(entry)):
+        if needle in env and deploy.process_alive(int(entry)):
             found.append(int(entry))
     return found
 
@@ -70,7 +70,7 @@ def tag(monkeypatch):
 
 
 def _assert_all_gone(pids, tag: str | None = None) -> None:
-    alive = [p for p in pids if deploy._alive(p)]
+    alive = [p for p in pids if deploy.process_alive(p)]
     assert not alive, f"processes left behind: {alive}"
     if tag is not None and os.path.isdir("/proc"):
         assert not _tagged_processes(tag), "a process started by the test is still running"
