@@ -13,7 +13,7 @@ from common import protocol as P
 from common.accounting import Phase, PrivacyTracker
 from common.config import DEFAULT_DATA_DIR_ENV, TrainConfig
 from common.data import TensorData
-from common.engine import DPEngine, evaluate, make_generator, resolve_device
+from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
 from common.federated import load_silo, local_round, sparse_encode
 from common.masks import unpack_mask
@@ -82,7 +82,7 @@ def get_engine(cfg: TrainConfig, silo: Silo) -> DPEngine:
         model = build_model(cfg.resolved_model(), cfg.dataset)
         eng = DPEngine(
             model,
-            cfg.replace(sample_rate=cfg.sample_rate or min(1.0, cfg.batch_size / len(silo.train))),
+            cfg.replace(sample_rate=cfg.resolved_sample_rate(len(silo.train))),
             n_train=len(silo.train),
             device=device,
             noise_generator=torch.Generator(device=device),
@@ -117,22 +117,15 @@ def _mask_from_state(round_cfg: ConfigRecord, context: Context, d: int) -> tuple
     return unpack_mask(bytes(stored["bits"]), d), version
 
 
-def _load_stats(engine: DPEngine, context: Context) -> None:
-    if engine.stats is None:
-        return
-    rec = context.state.get(P.STATE_STATS)
+def _load_arrays(context: Context, key: str) -> dict[str, torch.Tensor] | None:
+    rec = context.state.get(key)
     if rec is None:
-        engine.stats.reset()
-        return
-    engine.stats.load_state({k: torch.from_numpy(rec[k].numpy().copy()) for k in ("m", "s", "t")})
+        return None
+    return {k: torch.from_numpy(rec[k].numpy().copy()) for k in rec}
 
 
-def _save_stats(engine: DPEngine, context: Context) -> None:
-    if engine.stats is None:
-        return
-    context.state[P.STATE_STATS] = ArrayRecord(
-        {k: Array(v.detach().cpu().numpy()) for k, v in engine.stats.state().items()}
-    )
+def _save_arrays(context: Context, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    context.state[key] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
 
 
 def _client_tracker(cfg: TrainConfig, context: Context) -> PrivacyTracker:
@@ -180,28 +173,23 @@ def train_round(
         tracker.check(Phase(sigma, q, steps))
 
     _load_global(engine, arrays)
-    engine.reset_optimizer()
-    engine.q, engine.expected_batch_size = q, q * len(silo.train)
     seed_keys = ("client", silo.partition_id, server_round)
-    engine.noise_generator = make_generator(cfg.seed, *seed_keys, "noise", device=engine.device)
-    engine.sampling_generator = make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device)
     mask, mask_version = _mask_from_state(round_cfg, context, engine.d)
-    engine.mask = None
-    engine.set_mask(mask)
-    _load_stats(engine, context)
-    if engine.importance is not None:
-        engine.importance.reset()
-
-    if not cfg.private:
-        mode = "nonprivate"
-    elif phase == P.PHASE_IMPORTANCE or cfg.method == "dpsgd":
-        mode = "flat"
-    else:
-        mode = "adaptive"
+    keep_optimizer = bool(round_cfg.get(P.KEEP_OPTIMIZER_STATE, False))
+    engine.begin_round(
+        n_train=len(silo.train),
+        q=q,
+        noise_generator=make_generator(cfg.seed, *seed_keys, "noise", device=engine.device),
+        sampling_generator=make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device),
+        mask=mask,
+        stats_state=_load_arrays(context, P.STATE_STATS) if engine.stats is not None else None,
+        optimizer_state=_load_arrays(context, P.STATE_OPTIMIZER) if keep_optimizer else None,
+        lr=float(round_cfg[P.CLIENT_LR]) if P.CLIENT_LR in round_cfg else None,
+    )
     result = local_round(
         engine,
         silo.train.to(engine.device) if engine.device.type != "cpu" else silo.train,
-        mode=mode,
+        mode=step_mode(cfg, pretraining=phase == P.PHASE_IMPORTANCE),
         steps=steps,
         noise_multiplier=sigma,
         update_importance=phase == P.PHASE_IMPORTANCE,
@@ -209,7 +197,10 @@ def train_round(
     if cfg.private:
         tracker.spend(Phase(sigma, q, steps))
         _save_tracker(tracker, context)
-    _save_stats(engine, context)
+    if engine.stats is not None:
+        _save_arrays(context, P.STATE_STATS, engine.stats.state())
+    if keep_optimizer:
+        _save_arrays(context, P.STATE_OPTIMIZER, engine.optimizer_state())
 
     out = {P.UPDATE: Array(sparse_encode(result.delta, mask))}
     metrics = {

@@ -32,6 +32,9 @@ MASK_SCOPES = ("global", "per-layer")
 DEVICES = ("auto", "cpu", "cuda")
 PER_SAMPLE_BACKENDS = ("auto", "native", "hooks", "functorch")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "size-skew")
+CLIENT_OPTIMIZER_STATES = ("keep", "reset")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")  # common.server_opt
+LR_SCHEDULES = ("constant", "cosine", "linear")  # common.server_opt.lr_factor
 
 DEFAULT_DATA_DIR_ENV = "ADADPIGU_DATA_DIR"
 
@@ -127,6 +130,11 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.5
     momentum: float = 0.9
+    # the client learning rate over the plan: per epoch (centralized) or per round (federated)
+    lr_schedule: str = "constant"
+    # exponential moving average of the weights (De et al. 2022), 0 = off: evaluation and model
+    # selection use the averaged weights. Per model update: a step (centralized), a round (federated)
+    ema_decay: float = 0.0
     epochs: int = 40
     # AdaDPIGU
     pretrain_fraction: float = 0.1
@@ -170,6 +178,7 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("per-sample-backend", self.per_sample_backend, PER_SAMPLE_BACKENDS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         if self.private:
             if self.epsilon is None and self.noise_multiplier is None:
                 raise ConfigError("epsilon", self.epsilon, "a private method needs a target epsilon > 0")
@@ -192,6 +201,7 @@ class TrainConfig:
         _number("clip-norm", self.clip_norm, lo=0.0, lo_open=True)
         _number("lr", self.lr, lo=0.0, lo_open=True)
         _number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        _number("ema-decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
         _number("epochs", self.epochs, lo=1, integer=True)
         _number("pretrain-fraction", self.pretrain_fraction, lo=0.0, hi=1.0, hi_open=True)
         _number("r0", self.r0, lo=0.0, hi=1.0, lo_open=True)
@@ -365,6 +375,10 @@ class FederatedConfig:
     num_server_rounds: int = 10
     importance_rounds: int = 1
     local_epochs: float = 1.0
+    local_steps: int = 0  # Poisson steps per round; 0 = round(local_epochs / q)
+    # a client's optimizer state (momentum, Adam moments) across rounds: "keep" it in the
+    # client's own state (as a real silo would) or "reset" it every round
+    client_optimizer_state: str = "keep"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_available_nodes: int = 1
@@ -374,8 +388,15 @@ class FederatedConfig:
     evaluate_every: int = 1
     resume: str = ""  # a run folder to continue (its checkpoint.pt and ledger.json)
     max_update_norm: float = 1e3  # replies with a larger L2 norm are rejected as absurd
-    server_momentum: float = 0.0  # FedAvgM (Hsu et al. 2019): velocity of the aggregated update
+    # the server's step on the aggregated update (common.server_opt): fedavg, fedavgm (uses
+    # server-momentum), fedadagrad / fedadam / fedyogi (server-beta1, server-beta2, server-tau)
+    server_optimizer: str = "fedavg"
+    server_momentum: float = 0.0
     server_lr: float = 1.0
+    server_lr_schedule: str = "constant"
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
     def __post_init__(self) -> None:
         _number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
@@ -389,8 +410,21 @@ class FederatedConfig:
         _number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
         _number("evaluate-every", self.evaluate_every, lo=1, integer=True)
         _number("max-update-norm", self.max_update_norm, lo=0.0, lo_open=True)
+        _number("local-steps", self.local_steps, lo=0, hi=10**6, integer=True)
+        _choice("client-optimizer-state", self.client_optimizer_state, CLIENT_OPTIMIZER_STATES)
+        _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _number("server-momentum", self.server_momentum, lo=0.0, hi=1.0, hi_open=True)
-        _number("server-lr", self.server_lr, lo=0.0, lo_open=True)
+        if self.server_momentum > 0 and self.server_optimizer != "fedavgm":
+            raise ConfigError(
+                "server-momentum",
+                self.server_momentum,
+                f"is used by server-optimizer 'fedavgm' only (here '{self.server_optimizer}')",
+            )
+        _number("server-lr", self.server_lr, lo=0.0, lo_open=True, hi=1e4)
+        _choice("server-lr-schedule", self.server_lr_schedule, LR_SCHEDULES)
+        _number("server-beta1", self.server_beta1, lo=0.0, hi=1.0, hi_open=True)
+        _number("server-beta2", self.server_beta2, lo=0.0, hi=1.0, hi_open=True)
+        _number("server-tau", self.server_tau, lo=0.0, lo_open=True)
 
     def importance_rounds_for(self, cfg: TrainConfig) -> int:
         """Importance (pre-training) rounds actually run for ``cfg.method``."""

@@ -93,6 +93,19 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 2048) -> t
     return loss_sum / len(data), correct / len(data)
 
 
+def step_mode(cfg: TrainConfig, *, pretraining: bool) -> str:
+    """The engine mode of a step: the one place where method x phase becomes a mode."""
+    if not cfg.private:
+        return "nonprivate"
+    if pretraining or cfg.method == "dpsgd":
+        return "flat"
+    return "adaptive"
+
+
+# the optimizer's per-parameter state tensors that travel between rounds (SGD, Adam)
+_OPTIMIZER_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -151,6 +164,81 @@ class DPEngine:
 
     def reset_optimizer(self) -> None:
         self.optimizer = self._make_optimizer()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer's state as flat ``[d]`` tensors (and Adam's step count): post-processing
+        of released gradients only, so a client may keep it between rounds."""
+        out: dict[str, torch.Tensor] = {}
+        states = [self.optimizer.state.get(p, {}) for p in self.params]
+        for key in _OPTIMIZER_STATE_KEYS:
+            if any(torch.is_tensor(st.get(key)) for st in states):
+                out[key] = torch.cat(
+                    [
+                        st[key].detach().reshape(-1).float().cpu()
+                        if torch.is_tensor(st.get(key))
+                        else torch.zeros(p.numel())
+                        for p, st in zip(self.params, states)
+                    ]
+                )
+        steps = [float(st["step"]) for st in states if "step" in st]
+        if steps:
+            out["step"] = torch.tensor([max(steps)])
+        return out
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`optimizer_state` (onto a fresh optimizer)."""
+        for key, flat in state.items():
+            if key == "step":
+                continue
+            if key not in _OPTIMIZER_STATE_KEYS or flat.numel() != self.d:
+                raise ValueError(f"optimizer state '{key}' with {flat.numel()} values does not fit {self.d}")
+            for p, chunk in zip(self.params, torch.split(flat, self.sizes)):
+                self.optimizer.state[p][key] = chunk.view_as(p).to(device=p.device, dtype=p.dtype).clone()
+        if "step" in state:
+            for p in self.params:
+                self.optimizer.state[p]["step"] = torch.tensor(float(state["step"][0]))
+
+    def begin_round(
+        self,
+        *,
+        n_train: int,
+        q: float,
+        noise_generator: torch.Generator,
+        sampling_generator: torch.Generator,
+        mask: torch.Tensor | None = None,
+        stats_state: dict[str, torch.Tensor] | None = None,
+        optimizer_state: dict[str, torch.Tensor] | None = None,
+        lr: float | None = None,
+    ) -> None:
+        """Set the engine up for one data holder's round (the federated client's entry point).
+
+        Everything of a previous holder is replaced: sampling rate, generators, optimizer
+        (fresh, or ``optimizer_state``), mask (frozen coordinates' optimizer state cleared),
+        AdaCliP statistics (``stats_state`` or fresh) and the importance sums (zeroed).
+        """
+        if not (0.0 < q <= 1.0):
+            raise ValueError(f"sample rate {q} is outside (0, 1]")
+        self.n_train = n_train
+        self.q, self.expected_batch_size = q, q * n_train
+        self.noise_generator, self.sampling_generator = noise_generator, sampling_generator
+        self.reset_optimizer()
+        if optimizer_state:
+            self.load_optimizer_state(optimizer_state)
+        if lr is not None:
+            self.set_lr(lr)
+        self.mask = None
+        self.set_mask(mask)
+        if self.stats is not None:
+            if stats_state is None:
+                self.stats.reset()
+            else:
+                self.stats.load_state(stats_state)
+        if self.importance is not None:
+            self.importance.reset()
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Activate ``mask`` and clear optimizer state of frozen coordinates, so that a

@@ -36,8 +36,8 @@ class ClientPlan:
     def for_silo(cls, cfg: TrainConfig, fed: FederatedConfig, n_train: int) -> ClientPlan:
         if n_train <= 0:
             raise DataError("a silo has no training examples")
-        q = cfg.sample_rate if cfg.sample_rate is not None else min(1.0, cfg.batch_size / n_train)
-        steps = max(1, int(round(fed.local_epochs / q)))
+        q = cfg.resolved_sample_rate(n_train)  # the one derivation (refuses batch-size > n)
+        steps = fed.local_steps or max(1, int(round(fed.local_epochs / q)))
         return cls(n_train, q, steps)
 
     def round_phase(self, noise_multiplier: float) -> Phase:

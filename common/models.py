@@ -171,3 +171,35 @@ def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
             offset += n
     if offset != flat.numel():
         raise ValueError(f"flat vector has {flat.numel()} values, model has {offset}")
+
+
+class ParameterEMA:
+    """Exponential moving average of a model's trainable parameters (De et al. 2022).
+
+    Post-processing of the trained (already private) weights: ``ema = decay * ema +
+    (1 - decay) * params`` after every update, starting from the first updated weights.
+    Kept in float64 so that long averages do not drift.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not (0.0 < decay < 1.0):
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.flat: torch.Tensor | None = None
+
+    def update(self, flat: torch.Tensor) -> None:
+        flat = flat.detach().double().cpu()
+        if self.flat is None:
+            self.flat = flat.clone()
+        else:
+            self.flat.mul_(self.decay).add_(flat, alpha=1.0 - self.decay)
+
+    def averaged(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` carrying the averaged parameters (``model`` itself before any update)."""
+        if self.flat is None:
+            return model
+        import copy
+
+        out = copy.deepcopy(model)
+        load_flat_parameters(out, self.flat.to(next(model.parameters()).dtype))
+        return out

@@ -25,6 +25,8 @@ RETENTION_RATIO = "retention-ratio"
 MASK_VERSION = "mask-version"  # 0 = no mask (all coordinates active)
 MASK_BITS = "mask-bits"  # packed bits, sent only when the node's copy is out of date
 NUM_PARAMETERS = "num-parameters"
+CLIENT_LR = "client-lr"  # the client's learning rate this round (the server's lr schedule)
+KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # continue the client's own optimizer state
 
 # metrics (MetricRecord)
 NUM_EXAMPLES = "num-examples"
@@ -45,3 +47,4 @@ PHASE_TRAIN = "train"
 STATE_MASK = "adadpigu-mask"
 STATE_STATS = "adadpigu-adaclip"
 STATE_SPEND = "adadpigu-spend"
+STATE_OPTIMIZER = "adadpigu-optimizer"  # momentum / Adam moments: post-processing of releases

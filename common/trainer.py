@@ -29,10 +29,11 @@ import torch
 from common.accounting import Phase, PrivacyTracker, calibrate_noise, compute_epsilon
 from common.config import TrainConfig
 from common.data import Splits, load_splits
-from common.engine import DPEngine, evaluate, make_generator, resolve_device
+from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
 from common.masks import MaskBuilder, UnfreezeSchedule
-from common.models import build_model, num_parameters
+from common.models import ParameterEMA, build_model, flat_parameters, num_parameters
+from common.server_opt import lr_factor
 
 
 @dataclass(frozen=True)
@@ -209,9 +210,11 @@ def train_centralized(
     best = {"val_accuracy": -1.0, "epoch": 0}
     best_state = copy.deepcopy(engine.model.state_dict())
     step = 0
+    ema = ParameterEMA(cfg.ema_decay) if cfg.ema_decay > 0 else None
     t0 = time.time()
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.time()
+        engine.set_lr(cfg.lr * lr_factor(cfg.lr_schedule, epoch - 1, cfg.epochs))
         epoch_end = step + plan.steps_per_epoch
         # split this epoch into (pre-training, training) steps and check the budget first
         n_pre = max(0, min(epoch_end, plan.pretrain_steps) - step)
@@ -226,9 +229,10 @@ def train_centralized(
                     tracker.spend(ph)
         loss_sum, n_batches, n_clipped, n_examples = 0.0, 0, 0, 0
         for _ in range(plan.steps_per_epoch):
-            if not cfg.private:
+            mode = step_mode(cfg, pretraining=step < plan.pretrain_steps)
+            if mode == "nonprivate":
                 res = engine.step(train_data, mode="nonprivate")
-            elif step < plan.pretrain_steps or cfg.method == "dpsgd":
+            elif mode == "flat":
                 res = engine.step(
                     train_data,
                     mode="flat",
@@ -248,12 +252,15 @@ def train_centralized(
                         engine.set_mask(builder.mask(ratio))
                 res = engine.step(train_data, mode="adaptive", noise_multiplier=plan.noise_multiplier)
             step += 1
+            if ema is not None:
+                ema.update(flat_parameters(engine.model))
             loss_sum += res.loss
             n_batches += 1
             n_clipped += res.clipped
             n_examples += res.batch_size
-        val_loss, val_acc = evaluate(engine.model, splits.validation)
-        test_loss, test_acc = evaluate(engine.model, splits.test)
+        eval_model = engine.model if ema is None else ema.averaged(engine.model)
+        val_loss, val_acc = evaluate(eval_model, splits.validation)
+        test_loss, test_acc = evaluate(eval_model, splits.test)
         eps = tracker.epsilon() if cfg.private else math.inf
         row = {
             "epoch": epoch,
@@ -272,7 +279,7 @@ def train_centralized(
         metrics.append(row)
         if val_acc > best["val_accuracy"]:
             best = {"val_accuracy": val_acc, "epoch": epoch}
-            best_state = copy.deepcopy(engine.model.state_dict())
+            best_state = copy.deepcopy(eval_model.state_dict())
         write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
         write_csv(os.path.join(run_dir, "metrics.csv"), metrics)
         log(
@@ -280,7 +287,7 @@ def train_centralized(
             f"val acc {val_acc:.4f} eps {eps:.3f} active {row['active_ratio']:.2f} "
             f"clipped {row['clipped_fraction']:.2f} ({row['seconds']:.1f}s)"
         )
-    final_state = copy.deepcopy(engine.model.state_dict())
+    final_state = copy.deepcopy(eval_model.state_dict())
     torch.save(final_state, os.path.join(run_dir, "final_model.pt"))
     torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
     final_test = metrics[-1]["test_accuracy"]

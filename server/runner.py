@@ -262,11 +262,14 @@ def run_federated(
                 f"clients: round {rnd} got {int(agg_d.get('clients-valid', 0))} valid updates of "
                 f"{int(agg_d.get('clients-sent', 0))} sent, fewer than min-train-nodes ({fed.min_train_nodes})"
             )
-        test_loss, test_acc = evaluate(strategy.model, test)
+        eval_model = strategy.evaluation_model()  # the EMA of the weights when ema-decay > 0
+        test_loss, test_acc = evaluate(eval_model, test)
         val = None
         if rnd % fed.evaluate_every == 0 or rnd == fed.num_server_rounds:
+            eval_arrays = arrays if eval_model is strategy.model else ArrayRecord(eval_model.state_dict())
             ev_replies = grid.send_and_receive(
-                strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid), timeout=fed.round_timeout
+                strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid),
+                timeout=fed.round_timeout,
             )
             val = strategy.aggregate_evaluate(rnd, ev_replies)
         val_acc = float(val[P.VAL_ACCURACY]) if val is not None else math.nan
@@ -303,11 +306,11 @@ def run_federated(
         rows.append(row)
         if not math.isnan(val_acc) and val_acc > best["val_accuracy"]:
             best = {"round": rnd, "val_accuracy": val_acc}
-            best_state = copy.deepcopy(strategy.model.state_dict())
+            best_state = copy.deepcopy(eval_model.state_dict())
         write_json_atomic(os.path.join(run_dir, "metrics.json"), rows)
         write_csv(os.path.join(run_dir, "metrics.csv"), rows)
         write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
-        torch.save(strategy.model.state_dict(), os.path.join(run_dir, "final_model.pt"))
+        torch.save(eval_model.state_dict(), os.path.join(run_dir, "final_model.pt"))
         save_checkpoint(
             os.path.join(run_dir, "checkpoint.pt"),
             {

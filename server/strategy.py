@@ -37,7 +37,8 @@ from common.engine import derive_seed
 from common.errors import UserError
 from common.federated import ClientPlan, aggregate_sparse
 from common.masks import MaskBuilder, UnfreezeSchedule, importance_scores, pack_mask
-from common.models import flat_parameters, load_flat_parameters
+from common.models import ParameterEMA, flat_parameters, load_flat_parameters
+from common.server_opt import ServerOptimizer, lr_factor
 from server.ledger import PrivacyLedger
 
 
@@ -102,7 +103,16 @@ class AdaDPIGUStrategy(FedAvg):
         self.importance_weight = 0.0
         self.sent: dict[int, Sent] = {}
         self.current_flat: torch.Tensor | None = None
-        self.velocity = torch.zeros(self.d)  # FedAvgM; frozen coordinates are kept at 0
+        self.server_opt = ServerOptimizer(
+            fed.server_optimizer,
+            self.d,
+            momentum=fed.server_momentum,
+            beta1=fed.server_beta1,
+            beta2=fed.server_beta2,
+            tau=fed.server_tau,
+        )
+        # EMA of the global weights (ema-decay per round): evaluated and selected, never trained
+        self.ema = ParameterEMA(cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.rejections: list[dict] = []
         self.train_config_json = json.dumps(cfg.to_dict())
 
@@ -160,6 +170,13 @@ class AdaDPIGUStrategy(FedAvg):
         stage = server_round - self.importance_rounds - 1
         return self.schedule.ratio(stage, self.fed.num_server_rounds - self.importance_rounds)
 
+    def client_lr(self, server_round: int) -> float:
+        return self.cfg.lr * lr_factor(self.cfg.lr_schedule, server_round - 1, self.fed.num_server_rounds)
+
+    def server_lr(self, server_round: int) -> float:
+        factor = lr_factor(self.fed.server_lr_schedule, server_round - 1, self.fed.num_server_rounds)
+        return self.fed.server_lr * factor
+
     def _update_mask(self, server_round: int) -> None:
         if not self.cfg.uses_mask or self.phase_of(server_round) == P.PHASE_IMPORTANCE:
             return
@@ -213,6 +230,8 @@ class AdaDPIGUStrategy(FedAvg):
                     P.RETENTION_RATIO: float(self.ratio_of(server_round)),
                     P.MASK_VERSION: self.mask_version,
                     P.NUM_PARAMETERS: self.d,
+                    P.CLIENT_LR: float(self.client_lr(server_round)),
+                    P.KEEP_OPTIMIZER_STATE: self.fed.client_optimizer_state == "keep",
                 }
             )
             down = base_bytes
@@ -381,20 +400,23 @@ class AdaDPIGUStrategy(FedAvg):
         delta = aggregate_sparse(
             [v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d
         )
-        if self.fed.server_momentum > 0:
-            # post-processing of the released updates; frozen coordinates neither move nor remember
-            self.velocity = self.fed.server_momentum * self.velocity + delta
-            if self.mask is not None:
-                self.velocity[~self.mask] = 0.0
-            delta = self.velocity
-        new_flat = self.current_flat + self.fed.server_lr * delta
+        # post-processing of the released updates; frozen coordinates neither move nor remember
+        new_flat = self.server_opt.step(
+            self.current_flat, delta, lr=self.server_lr(server_round), mask=self.mask
+        )
         load_flat_parameters(self.model, new_flat)
+        if self.ema is not None:
+            self.ema.update(new_flat)
         if self.phase_of(server_round) == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
             for v in valid:
                 self.importance_sum += v["weight"] * v["importance"]
                 self.importance_weight += v["weight"]
         log(INFO, "round %d: aggregated %d/%d updates", server_round, len(valid), len(self.sent))
         return ArrayRecord(self.model.state_dict()), MetricRecord(metrics)
+
+    def evaluation_model(self) -> torch.nn.Module:
+        """The model to evaluate and select: the EMA of the weights when ``ema-decay`` > 0."""
+        return self.model if self.ema is None else self.ema.averaged(self.model)
 
     # ----- checkpoint ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -408,7 +430,8 @@ class AdaDPIGUStrategy(FedAvg):
             "rng": self.rng.getstate(),
             "rejections": list(self.rejections),
             "noise": {s.name: s.noise_multiplier for s in self.silos.values()},
-            "velocity": self.velocity.clone(),
+            "server_opt": self.server_opt.state_dict(),
+            "ema": None if self.ema is None or self.ema.flat is None else self.ema.flat.clone(),
         }
 
     def load_state(self, state: dict) -> None:
@@ -423,7 +446,9 @@ class AdaDPIGUStrategy(FedAvg):
         self.rng.setstate(state["rng"])
         self.rejections = list(state["rejections"])
         self.node_mask_version = {}  # new processes hold no mask: resend the bits
-        self.velocity = state.get("velocity", torch.zeros(self.d)).clone()
+        self.server_opt.load_state_dict(state["server_opt"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.flat = state["ema"].clone()
 
     # ----- evaluate ----------------------------------------------------------------------
     def configure_evaluate(

@@ -62,10 +62,15 @@ class Sweep:
     num_supernodes: int = 10
     num_cpus: float = 1.0
     extra: dict = field(default_factory=dict)
+    # [[variant]] tables: named settings combined as a whole (not as a product) with the grid
+    variants: list[dict] = field(default_factory=list)
 
     def cells(self) -> list[dict]:
         keys = list(self.grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        grid = [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        if not self.variants:
+            return grid
+        return [{**variant, **cell} for variant in self.variants for cell in grid]
 
 
 def load_sweep(path: str) -> Sweep:
@@ -86,6 +91,13 @@ def load_sweep(path: str) -> Sweep:
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"grid.{k}", v, "must be a non-empty list")
+    variants = data.get("variant", [])
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
+        raise ConfigError("variant", variants, "must be [[variant]] tables of settings")
+    for v in variants:
+        overlap = sorted(set(v) & set(grid))
+        if overlap:
+            raise ConfigError(f"variant.{overlap[0]}", v[overlap[0]], "is also a [grid] key")
     sweep = Sweep(
         name=str(head.get("name", os.path.splitext(os.path.basename(path))[0])),
         mode=mode,
@@ -94,6 +106,7 @@ def load_sweep(path: str) -> Sweep:
         grid=grid,
         num_supernodes=int(head.get("num-supernodes", 10)),
         num_cpus=float(head.get("num-cpus", 1.0)),
+        variants=[dict(v) for v in variants],
     )
     for cell in sweep.cells():  # validate every cell before running anything
         configs_for(sweep, cell)

@@ -12,6 +12,7 @@ from common.config import FederatedConfig, TrainConfig
 from common.federated import aggregate_sparse, sparse_decode, sparse_encode
 from common.masks import unpack_mask
 from common.models import build_model, flat_parameters, load_flat_parameters
+from common.server_opt import ServerOptimizer
 from server.ledger import PrivacyLedger
 from server.strategy import AdaDPIGUStrategy
 from tests.fl_fakes import FakeGrid, error_reply, query_reply, train_reply
@@ -184,7 +185,10 @@ def test_error_and_missing_replies_count_as_failed_and_nothing_changes():
 
 def test_server_momentum_accumulates_and_frozen_coordinates_stay():
     strat, msgs, k = _train_round_messages()
-    strat.fed = FederatedConfig(num_server_rounds=3, importance_rounds=1, server_momentum=0.5, server_lr=1.0)
+    strat.fed = FederatedConfig(
+        num_server_rounds=3, importance_rounds=1, server_optimizer="fedavgm", server_momentum=0.5
+    )
+    strat.server_opt = ServerOptimizer("fedavgm", strat.d, momentum=0.5)
     before = flat_parameters(strat.model).clone()
     reps = [train_reply(msgs[n], np.full(k, 0.1, np.float32), n_examples=SIZES[n]) for n in NODES]
     arrays, _ = strat.aggregate_train(2, reps)
