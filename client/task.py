@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 
+from client import state as client_state
 from common import protocol as P
 from common.accounting import Phase, PrivacyTracker
 from common.config import DEFAULT_DATA_DIR_ENV, TrainConfig
@@ -117,17 +118,6 @@ def _mask_from_state(round_cfg: ConfigRecord, context: Context, d: int) -> tuple
     return unpack_mask(bytes(stored["bits"]), d), version
 
 
-def _load_arrays(context: Context, key: str) -> dict[str, torch.Tensor] | None:
-    rec = context.state.get(key)
-    if rec is None:
-        return None
-    return {k: torch.from_numpy(rec[k].numpy().copy()) for k in rec}
-
-
-def _save_arrays(context: Context, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    context.state[key] = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})
-
-
 def _client_tracker(cfg: TrainConfig, context: Context) -> PrivacyTracker:
     tracker = PrivacyTracker(
         delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
@@ -165,6 +155,8 @@ def train_round(
     if not (0 < q <= 1) or steps < 1:
         raise ValueError(f"bad round config: sample-rate {q}, local-steps {steps}")
 
+    durable = client_state.state_dir(cfg, context, str(round_cfg.get(P.RUN_KEY, "")))
+    client_state.restore(context, durable, silo.partition_id, server_round)
     # The client enforces its own budget before touching its data.
     tracker = _client_tracker(cfg, context)
     if cfg.private:
@@ -182,8 +174,8 @@ def train_round(
         noise_generator=make_generator(cfg.seed, *seed_keys, "noise", device=engine.device),
         sampling_generator=make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device),
         mask=mask,
-        stats_state=_load_arrays(context, P.STATE_STATS) if engine.stats is not None else None,
-        optimizer_state=_load_arrays(context, P.STATE_OPTIMIZER) if keep_optimizer else None,
+        stats_state=client_state.load_arrays(context, P.STATE_STATS) if engine.stats is not None else None,
+        optimizer_state=client_state.load_arrays(context, P.STATE_OPTIMIZER) if keep_optimizer else None,
         lr=float(round_cfg[P.CLIENT_LR]) if P.CLIENT_LR in round_cfg else None,
     )
     result = local_round(
@@ -198,9 +190,10 @@ def train_round(
         tracker.spend(Phase(sigma, q, steps))
         _save_tracker(tracker, context)
     if engine.stats is not None:
-        _save_arrays(context, P.STATE_STATS, engine.stats.state())
+        client_state.save_arrays(context, P.STATE_STATS, engine.stats.state())
     if keep_optimizer:
-        _save_arrays(context, P.STATE_OPTIMIZER, engine.optimizer_state())
+        client_state.save_arrays(context, P.STATE_OPTIMIZER, engine.optimizer_state())
+    client_state.save(context, durable, silo.partition_id, server_round)
 
     out = {P.UPDATE: Array(sparse_encode(result.delta, mask))}
     metrics = {

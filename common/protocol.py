@@ -26,6 +26,7 @@ MASK_VERSION = "mask-version"  # 0 = no mask (all coordinates active)
 MASK_BITS = "mask-bits"  # packed bits, sent only when the node's copy is out of date
 NUM_PARAMETERS = "num-parameters"
 CLIENT_LR = "client-lr"  # the client's learning rate this round (the server's lr schedule)
+RUN_KEY = "run-key"  # the run folder's name: where a client keeps its durable state (client.state)
 KEEP_OPTIMIZER_STATE = "keep-optimizer-state"  # continue the client's own optimizer state
 
 # metrics (MetricRecord)
@@ -47,4 +48,5 @@ PHASE_TRAIN = "train"
 STATE_MASK = "adadpigu-mask"
 STATE_STATS = "adadpigu-adaclip"
 STATE_SPEND = "adadpigu-spend"
+STATE_ROUND = "adadpigu-round"  # the last round this context.state was saved for
 STATE_OPTIMIZER = "adadpigu-optimizer"  # momentum / Adam moments: post-processing of releases

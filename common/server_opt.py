@@ -72,7 +72,8 @@ class ServerOptimizer:
         """The new flat parameters after applying the aggregated update ``delta``."""
         if self.kind == "fedavg":  # in the parameters' own precision (as before server optimizers)
             self.t += 1
-            return params + lr * delta.to(params.dtype)
+            delta = delta.to(params.dtype)
+            return params + lr * (delta if mask is None else delta * mask.to(delta.device, delta.dtype))
         delta = delta.double()
         act = torch.ones(self.d, dtype=torch.bool) if mask is None else mask.cpu().bool()
         g = delta[act]

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -153,6 +154,9 @@ def run_federated(
         ledger = resumed_ledger
         model.load_state_dict(ckpt["model"])
     strategy = AdaDPIGUStrategy(cfg, fed, model=model, ledger=ledger)
+    strategy.run_key = re.sub(r"[^A-Za-z0-9._=-]", "_", os.path.basename(os.path.normpath(run_dir))).lstrip(
+        "._=-"
+    )
 
     nodes = wait_for_nodes(grid, fed.min_available_nodes, fed.startup_timeout)
     t_nodes = time.time()

@@ -114,6 +114,7 @@ class AdaDPIGUStrategy(FedAvg):
         # EMA of the global weights (ema-decay per round): evaluated and selected, never trained
         self.ema = ParameterEMA(cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.rejections: list[dict] = []
+        self.run_key = ""  # the run folder's name (set by the runner): clients keep durable state under it
         self.train_config_json = json.dumps(cfg.to_dict())
 
     # ----- set-up ------------------------------------------------------------------------
@@ -232,6 +233,7 @@ class AdaDPIGUStrategy(FedAvg):
                     P.NUM_PARAMETERS: self.d,
                     P.CLIENT_LR: float(self.client_lr(server_round)),
                     P.KEEP_OPTIMIZER_STATE: self.fed.client_optimizer_state == "keep",
+                    P.RUN_KEY: self.run_key,
                 }
             )
             down = base_bytes
