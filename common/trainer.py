@@ -298,7 +298,7 @@ def train_centralized(
         "dataset": cfg.dataset,
         "model": cfg.resolved_model(),
         "target_epsilon": cfg.epsilon if cfg.private else None,
-        "epsilon": tracker.epsilon() if cfg.private else None,
+        "epsilon": tracker.epsilon() if cfg.private else math.inf,  # never a finite epsilon
         "delta": cfg.delta,
         "accountant": cfg.accountant,
         "noise_multiplier": plan.noise_multiplier,

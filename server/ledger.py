@@ -8,6 +8,7 @@ spent it), so a failure never under-counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from common.accounting import Phase, PrivacyTracker, budget_epsilon, compute_epsilon
@@ -15,7 +16,13 @@ from common.errors import BudgetError
 
 
 class PrivacyLedger:
-    def __init__(self, *, delta: float, accountant: str, target_epsilon: float | None) -> None:
+    """``private=False`` (a non-private run): nothing is charged and every epsilon it reports
+    is infinite, never 0 (which would read as perfectly private)."""
+
+    def __init__(
+        self, *, delta: float, accountant: str, target_epsilon: float | None, private: bool = True
+    ) -> None:
+        self.private = private
         self.delta = delta
         self.accountant = accountant
         self.target_epsilon = target_epsilon
@@ -69,10 +76,14 @@ class PrivacyLedger:
         return eps
 
     def epsilon(self, client: str) -> float:
+        if not self.private:
+            return math.inf
         tracker = self.clients.get(client)
         return 0.0 if tracker is None or not tracker.phases else self._epsilon(tracker.phases)
 
     def summary(self, clients: Iterable[str] | None = None) -> dict[str, float]:
+        if not self.private:
+            return {"max_epsilon": math.inf, "mean_epsilon": math.inf}
         names = list(self.clients if clients is None else clients)
         eps = [self.epsilon(c) for c in names]
         return {
@@ -82,6 +93,7 @@ class PrivacyLedger:
 
     def to_dict(self) -> dict:
         return {
+            "private": self.private,
             "delta": self.delta,
             "accountant": self.accountant,
             "target_epsilon": self.target_epsilon,
@@ -99,7 +111,10 @@ class PrivacyLedger:
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
         ledger = cls(
-            delta=data["delta"], accountant=data["accountant"], target_epsilon=data["target_epsilon"]
+            delta=data["delta"],
+            accountant=data["accountant"],
+            target_epsilon=data["target_epsilon"],
+            private=bool(data.get("private", True)),
         )
         for c, entry in data["clients"].items():
             t = ledger._tracker(c)

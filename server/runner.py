@@ -148,7 +148,10 @@ def run_federated(
     model = build_model(cfg.resolved_model(), cfg.dataset)
     test = take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset)
     ledger = PrivacyLedger(
-        delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+        target_epsilon=cfg.epsilon if cfg.private else None,
+        private=cfg.private,
     )
     if ckpt is not None:
         ledger = resumed_ledger
@@ -218,8 +221,7 @@ def run_federated(
                 "retention_ratio": 1.0,
                 "test_accuracy": test_acc,
                 "test_loss": test_loss,
-                "max_epsilon": 0.0,
-                "mean_epsilon": 0.0,
+                **ledger.summary([]),  # 0 before any round (infinite for a non-private run)
             }
         )
         log_fn(f"[round   0] init test acc {test_acc:.4f}")
@@ -277,11 +279,7 @@ def run_federated(
             )
             val = strategy.aggregate_evaluate(rnd, ev_replies)
         val_acc = float(val[P.VAL_ACCURACY]) if val is not None else math.nan
-        eps = (
-            ledger.summary(s.name for s in strategy.silos.values())
-            if cfg.private
-            else {"max_epsilon": math.inf, "mean_epsilon": math.inf}
-        )
+        eps = ledger.summary(s.name for s in strategy.silos.values())
         n_sent = max(int(agg_d.get("clients-sent", 0)), 1)
         row = {
             "round": rnd,
@@ -349,8 +347,7 @@ def run_federated(
         "stop_reason": stop_reason,
         "target_epsilon": cfg.epsilon if cfg.private else None,
         "delta": cfg.delta,
-        "max_epsilon": ledger.summary()["max_epsilon"] if cfg.private else None,
-        "mean_epsilon": ledger.summary()["mean_epsilon"] if cfg.private else None,
+        **ledger.summary(),  # infinite for a non-private run, never 0
         "best_round": best["round"],
         "best_val_accuracy": best["val_accuracy"],
         "test_accuracy_best_val": best_test,

@@ -241,6 +241,8 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return "–"
+    if any(math.isinf(v) for v in vals):
+        return "∞"  # a non-private run: no finite epsilon
     mean = statistics.fmean(vals) * scale
     if len(vals) == 1:
         return f"{mean:.{digits}f}"

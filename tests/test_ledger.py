@@ -67,3 +67,26 @@ def test_calibration_keeps_every_round_participant_within_target():
     assert 0.98 * 3.0 <= ledger.epsilon("silo-0") <= 3.0
     with pytest.raises(BudgetError):
         ledger.check_round({"silo-0": plan.round_phase(sigma)})
+
+
+def test_a_non_private_run_never_writes_a_finite_epsilon(tmp_path, data_dir):
+    """ledger.json, metrics.json and summary.json agree: no guarantee, epsilon infinite."""
+    import json
+    import math
+    import os
+
+    from server.runner import run_federated
+    from tests.inprocess import InProcessGrid, small_run_configs
+
+    cfg, fed = small_run_configs(tmp_path, data_dir, epsilon=8.0, rounds=2, train_subset=900, seed=0)
+    summary = run_federated(InProcessGrid(3), cfg.replace(method="nonprivate"), fed, log_fn=lambda s: None)
+    run = summary["run_dir"]
+    ledger = json.load(open(os.path.join(run, "ledger.json")))
+    rows = json.load(open(os.path.join(run, "metrics.json")))
+    assert (
+        ledger["private"] is False
+        and math.isinf(ledger["max_epsilon"])
+        and math.isinf(ledger["mean_epsilon"])
+    )
+    assert all(math.isinf(r["max_epsilon"]) for r in rows)
+    assert math.isinf(json.load(open(os.path.join(run, "summary.json")))["max_epsilon"])
