@@ -24,10 +24,15 @@ from dataclasses import dataclass
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from common.errors import BudgetError
+from common.errors import BudgetError, ConfigError
 
 ACCOUNTANTS = ("pld", "rdp")
 MAX_NOISE_MULTIPLIER = 1e3
+# Below this noise multiplier a PLD grows to GBs and minutes (sigma 0.1: 1.8 GB, 30 s; 0.05:
+# 6.8 GB, 100 s) while epsilon is already > ~50. There the RDP epsilon is used instead: an
+# upper bound on the PLD one (never optimistic), computed in milliseconds.
+PLD_MIN_NOISE = 0.3
+MAX_STEPS = 10**8
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,13 @@ class Phase:
     steps: int
 
     def __post_init__(self) -> None:
+        # ConfigError is a ValueError that the command line reports as one line
         if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"noise multiplier must be > 0, got {self.noise_multiplier}")
+            raise ConfigError("noise-multiplier", self.noise_multiplier, "must be a finite number > 0")
         if not (0 < self.sample_rate <= 1):
-            raise ValueError(f"sample rate must be in (0, 1], got {self.sample_rate}")
-        if self.steps < 0 or int(self.steps) != self.steps:
-            raise ValueError(f"steps must be a non-negative integer, got {self.steps}")
+            raise ConfigError("sample-rate", self.sample_rate, "must be in (0, 1]")
+        if not (0 <= self.steps <= MAX_STEPS) or int(self.steps) != self.steps:
+            raise ConfigError("steps", self.steps, f"must be an integer in [0, {MAX_STEPS:.0e}]")
 
     def event(self) -> dp_accounting.DpEvent:
         gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
@@ -100,6 +106,15 @@ def epsilon_of_event(
     return float(acc.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_rdp_fallback() -> None:
+    logging.getLogger(__name__).warning(
+        "noise multiplier below %g: epsilon comes from the RDP accountant (an upper bound on "
+        "PLD's, which would need GBs of memory there)",
+        PLD_MIN_NOISE,
+    )
+
+
 @functools.lru_cache(maxsize=512)
 def _step_pld(noise_multiplier: float, sample_rate: float, grid: float):
     """PLD of one Poisson-subsampled Gaussian release: the expensive part of PLD accounting
@@ -133,6 +148,13 @@ def _pld_epsilon(phases: Sequence[Phase], delta: float, grid: float) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon_of_phases(phases: tuple[Phase, ...], delta: float, accountant: str, grid: float) -> float:
+    if not (0 < delta < 1) or not math.isfinite(delta):
+        raise ConfigError("delta", delta, "must be in (0, 1): delta = 1 promises nothing")
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError("accountant", accountant, "allowed: " + ", ".join(ACCOUNTANTS))
+    if accountant == "pld" and any(p.steps and p.noise_multiplier < PLD_MIN_NOISE for p in phases):
+        _warn_rdp_fallback()
+        accountant = "rdp"  # an upper bound on the PLD epsilon (see PLD_MIN_NOISE)
     if accountant == "pld":
         return _pld_epsilon(phases, delta, grid)
     return epsilon_of_event(compose(phases), delta, accountant, grid=grid)
@@ -196,7 +218,9 @@ def calibrate_noise(
     Raises :class:`BudgetError` when no sigma <= 1000 reaches the target.
     """
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-        raise BudgetError(f"target epsilon must be a positive number, got {target_epsilon}")
+        raise ConfigError("epsilon", target_epsilon, "must be a finite number > 0")
+    if not (0 < delta < 1):
+        raise ConfigError("delta", delta, "must be in (0, 1): delta = 1 promises nothing")
     if steps <= 0:
         raise BudgetError(f"nothing to calibrate: {steps} steps planned")
 
@@ -232,8 +256,8 @@ def calibrate_noise(
         sigma_rdp = search("rdp", 0.0, 1.0)
     finally:
         absl_logger.setLevel(level)
-    if accountant == "rdp":
-        return sigma_rdp
+    if accountant == "rdp" or sigma_rdp < PLD_MIN_NOISE:
+        return sigma_rdp  # RDP's sigma is feasible under PLD too (PLD <= RDP)
     # PLD: bisect on a coarser grid (an upper bound on the fine epsilon, so its answer is
     # feasible on the fine grid too), then walk down on the fine grid while the next
     # rel_tol step is still within the target (almost always zero or one fine evaluation)

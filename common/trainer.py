@@ -76,6 +76,12 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
     steps_per_epoch = max(1, int(round(1.0 / q)))
     total = steps_per_epoch * cfg.epochs
     t_pre = pretrain_steps_for(cfg, total)
+    if cfg.private and cfg.delta >= 1.0 / n_train:
+        warnings.warn(
+            f"delta = {cfg.delta:g} >= 1/n = {1.0 / n_train:.3g}: a mechanism that publishes one "
+            "random example outright would meet it; use delta well below 1/n",
+            stacklevel=2,
+        )
     if not cfg.private:
         return Plan(n_train, q, q * n_train, steps_per_epoch, total, 0, 0.0, 0.0, math.inf)
     sigma_pre = cfg.pretrain_noise_multiplier

@@ -144,6 +144,15 @@ class AdaDPIGUStrategy(FedAvg):
         """Noise per silo so that taking part in every planned round meets the target."""
         if not self.cfg.private:
             return
+        small = [s.name for s in self.silos.values() if self.cfg.delta >= 1.0 / s.n_train]
+        if small:
+            log(
+                WARNING,
+                "delta = %g >= 1/n for %s: publishing one random example outright would meet "
+                "it; use delta well below 1/n",
+                self.cfg.delta,
+                ", ".join(sorted(small)[:5]),
+            )
         cache: dict[tuple[float, int], float] = {}
         rounds = self.fed.num_server_rounds
         for silo in self.silos.values():

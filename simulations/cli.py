@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -39,10 +40,14 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
         raise UserError("give exactly one of --noise-multiplier and --target-epsilon")
-    for name in ("sample_rate", "delta"):
+    if not (0 < args.sample_rate <= 1):
+        raise UserError(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    if not (0 < args.delta < 1):
+        raise UserError(f"--delta must be in (0, 1) (delta = 1 promises nothing), got {args.delta}")
+    for name in ("noise_multiplier", "target_epsilon"):
         v = getattr(args, name)
-        if not (0 < v <= 1):
-            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
     if args.steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {args.steps}")
     out = {
@@ -102,12 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("privacy", help="epsilon of a DP-SGD schedule, or the noise for a target epsilon")
-    p.add_argument("--noise-multiplier", type=float)
-    p.add_argument("--target-epsilon", type=float)
-    p.add_argument("--sample-rate", type=float, required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
+    p.add_argument("--noise-multiplier", type=float, help="sigma (finite, > 0): print epsilon")
+    p.add_argument(
+        "--target-epsilon", type=float, help="epsilon (finite, > 0): print the sigma that meets it"
+    )
+    p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q in (0, 1]")
+    p.add_argument("--steps", type=int, required=True, help="number of releases, 1 to 1e8")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta in (0, 1) (default 1e-5)")
+    p.add_argument(
+        "--accountant",
+        choices=("pld", "rdp"),
+        default="pld",
+        help="pld (default; below sigma 0.3 the RDP upper bound is used) or rdp",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_privacy)
 

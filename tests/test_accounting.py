@@ -132,3 +132,39 @@ def test_memoised_pld_is_bit_identical_to_dp_accounting(phases):
     acc = pld.PLDAccountant()
     acc.compose(compose(phases))
     assert compute_epsilon(phases=phases, delta=1e-5) == acc.get_epsilon(1e-5)
+
+
+def test_tiny_noise_is_bounded_by_rdp_not_a_gigabyte_pld():
+    """Below PLD_MIN_NOISE the PLD would take GBs and minutes: the RDP upper bound is used,
+    in milliseconds, and it is never below the PLD value where both are computable."""
+    import time
+
+    from common.accounting import PLD_MIN_NOISE, calibrate_noise, compute_epsilon
+
+    t = time.time()
+    tiny = compute_epsilon(noise_multiplier=0.01, sample_rate=0.01, steps=1000, delta=1e-5, accountant="pld")
+    assert time.time() - t < 5 and tiny > 100
+    assert tiny == compute_epsilon(
+        noise_multiplier=0.01, sample_rate=0.01, steps=1000, delta=1e-5, accountant="rdp"
+    )
+    at = dict(sample_rate=0.01, steps=200, delta=1e-5)
+    assert compute_epsilon(noise_multiplier=PLD_MIN_NOISE, accountant="pld", **at) <= compute_epsilon(
+        noise_multiplier=PLD_MIN_NOISE, accountant="rdp", **at
+    )
+    sigma = calibrate_noise(5000.0, 1e-5, 0.01, 1000, accountant="pld")  # a huge target: tiny sigma
+    assert 0 < sigma < PLD_MIN_NOISE
+
+
+def test_delta_one_and_non_finite_numbers_are_refused():
+    import math
+
+    from common.accounting import Phase, calibrate_noise, compute_epsilon
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="delta"):
+        compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1.0)
+    for bad in (math.nan, math.inf, 0.0):
+        with pytest.raises(ConfigError, match="noise-multiplier"):
+            Phase(bad, 0.1, 10)
+    with pytest.raises(ConfigError, match="epsilon"):
+        calibrate_noise(math.nan, 1e-5, 0.1, 10)

@@ -108,6 +108,33 @@ CASES = {
         ],
         "cannot be reached",
     ),
+    "privacy: nan sigma": (
+        ["privacy", "--noise-multiplier", "nan", "--sample-rate", "0.1", "--steps", "5"],
+        "noise-multiplier",
+    ),
+    "privacy: infinite sigma": (
+        ["privacy", "--noise-multiplier", "inf", "--sample-rate", "0.1", "--steps", "5"],
+        "noise-multiplier",
+    ),
+    "privacy: nan target": (
+        ["privacy", "--target-epsilon", "nan", "--sample-rate", "0.1", "--steps", "5"],
+        "target-epsilon",
+    ),
+    "privacy: delta 1": (
+        ["privacy", "--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "5", "--delta", "1"],
+        "delta",
+    ),
+    "privacy: absurd steps": (
+        ["privacy", "--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "1000000000000"],
+        "steps",
+    ),
+    "train: delta 1": (["train", "--delta", "1"], "delta"),
+    "train: nan epsilon": (["train", "--epsilon", "nan"], "epsilon"),
+    "train: infinite lr": (["train", "--lr", "inf"], "lr"),
+    "simulate: bad server optimizer": (["simulate", "--server-optimizer", "sgd"], "server-optimizer"),
+    "simulate: momentum without fedavgm": (["simulate", "--server-momentum", "0.9"], "server-momentum"),
+    "simulate: negative local steps": (["simulate", "--local-steps", "-1"], "local-steps"),
+    "simulate: bad lr schedule": (["simulate", "--lr-schedule", "warm"], "lr-schedule"),
     "simulate: no silos": (["simulate", "--num-supernodes", "0"], "num-supernodes"),
     "simulate: more required than silos": (
         ["simulate", "--num-supernodes", "2", "--min-available-nodes", "5"],
