@@ -135,6 +135,9 @@ class TrainConfig:
     # exponential moving average of the weights (De et al. 2022), 0 = off: evaluation and model
     # selection use the averaged weights. Per model update: a step (centralized), a round (federated)
     ema_decay: float = 0.0
+    # augmentation multiplicity (De et al. 2022): K augmented copies per example, gradients
+    # averaged before clipping (sensitivity unchanged); 0 = no augmentation
+    augmult: int = 0
     epochs: int = 40
     # AdaDPIGU
     pretrain_fraction: float = 0.1
@@ -202,6 +205,7 @@ class TrainConfig:
         _number("lr", self.lr, lo=0.0, lo_open=True)
         _number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
         _number("ema-decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
+        _number("augmult", self.augmult, lo=0, hi=256, integer=True)
         _number("epochs", self.epochs, lo=1, integer=True)
         _number("pretrain-fraction", self.pretrain_fraction, lo=0.0, hi=1.0, hi_open=True)
         _number("r0", self.r0, lo=0.0, hi=1.0, lo_open=True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.adaclip import AdaClipStatistics
+from common.augment import augment, mean_over_copies
 from common.config import TrainConfig
 from common.data import TensorData
 from common.masks import ImportanceAccumulator
@@ -282,11 +283,15 @@ class DPEngine:
         grads = [torch.zeros(n, device=self.device) for n in self.sizes]
         loss_sum = 0.0
         b = int(idx.numel())
-        for start in range(0, b, self.cfg.max_physical_batch):
-            chunk = idx[start : start + self.cfg.max_physical_batch]
+        k = self.cfg.augmult
+        per_chunk = max(1, self.cfg.max_physical_batch // max(k, 1))
+        for start in range(0, b, per_chunk):
+            chunk = idx[start : start + per_chunk]
             x, y = data.x[chunk].to(self.device), data.y[chunk].to(self.device)
+            if k:  # the same augmented objective as the private modes
+                x, y = augment(x, k, self.cfg.dataset, self.sampling_generator), y.repeat_interleave(k)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = per_example_loss(self.model(x), y).sum() / b
+            loss = per_example_loss(self.model(x), y).sum() / (b * max(k, 1))
             loss.backward()
             loss_sum += float(loss.detach()) * b
             for k, p in enumerate(self.params):
@@ -314,11 +319,19 @@ class DPEngine:
             acc = SegmentAccumulator(self.sizes, clip_norm=cfg.clip_norm, mask=self.mask, device=self.device)
         loss_sum = 0.0
         assert self.sampler is not None
-        for start in range(0, int(idx.numel()), cfg.max_physical_batch):
-            chunk = idx[start : start + cfg.max_physical_batch]
+        k = cfg.augmult
+        per_chunk = max(1, cfg.max_physical_batch // max(k, 1))
+        for start in range(0, int(idx.numel()), per_chunk):
+            chunk = idx[start : start + per_chunk]
             x, y = data.x[chunk].to(self.device), data.y[chunk].to(self.device)
-            grads, mean_loss = self.sampler(per_example_loss, x, y)
-            acc.add(grads, consume=True)  # the sampler's scratch rows: standardized in place
+            if k:
+                # K augmented copies per example; their mean gradient is the example's row
+                x, y = augment(x, k, cfg.dataset, self.sampling_generator), y.repeat_interleave(k)
+                grads, mean_loss = self.sampler(per_example_loss, x, y)
+                acc.add(mean_over_copies(grads, k), consume=True)
+            else:
+                grads, mean_loss = self.sampler(per_example_loss, x, y)
+                acc.add(grads, consume=True)  # the sampler's scratch rows: standardized in place
             loss_sum += mean_loss * int(chunk.numel())
         released = acc.release(
             noise_multiplier=noise_multiplier,
