@@ -69,9 +69,9 @@ def step_time(cfg, n_train: int) -> float:
     """Median seconds of one DP step of ``cfg``'s engine on random data (serial)."""
     from common.data import TensorData
     from common.engine import DPEngine, make_generator
-    from common.models import build_model
+    from common.models import build_model_for
 
-    model = build_model(cfg.resolved_model(), cfg.dataset)
+    model = build_model_for(cfg)
     eng = DPEngine(
         model,
         cfg,

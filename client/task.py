@@ -18,7 +18,7 @@ from common.engine import DPEngine, evaluate, make_generator, resolve_device, st
 from common.errors import BudgetError
 from common.federated import load_silo, local_round, sparse_encode
 from common.masks import unpack_mask
-from common.models import build_model
+from common.models import build_model_for
 
 
 @dataclass
@@ -80,7 +80,7 @@ def get_engine(cfg: TrainConfig, silo: Silo) -> DPEngine:
     eng = _ENGINES.get(key)
     if eng is None:
         device = _device()
-        model = build_model(cfg.resolved_model(), cfg.dataset)
+        model = build_model_for(cfg)
         eng = DPEngine(
             model,
             cfg.replace(sample_rate=cfg.resolved_sample_rate(len(silo.train))),

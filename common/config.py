@@ -23,7 +23,8 @@ from common.errors import ConfigError
 
 METHODS = ("nonprivate", "dpsgd", "adaclip", "adadpigu-static", "adadpigu")
 DATASETS = ("mnist", "fashionmnist", "cifar10")
-MODELS = ("auto", "mnist-cnn", "cifar-cnn", "resnet18-gn")
+MODELS = ("auto", "mnist-cnn", "mnist-cnn-gn", "cifar-cnn", "cifar-cnn-gn", "resnet18-gn")
+ACTIVATIONS = ("tanh", "relu")
 ACCOUNTANTS = ("pld", "rdp")
 OPTIMIZERS = ("sgd", "adam")
 IMPORTANCE = ("squared", "abs")
@@ -114,6 +115,7 @@ class TrainConfig:
     method: str = "adadpigu"
     dataset: str = "mnist"
     model: str = "auto"
+    activation: str = "tanh"  # of the paper's CNNs
     # privacy
     epsilon: float | None = 8.0
     delta: float = 1e-5
@@ -173,6 +175,7 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("dataset", self.dataset, DATASETS)
         _choice("model", self.model, MODELS)
+        _choice("activation", self.activation, ACTIVATIONS)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("importance", self.importance, IMPORTANCE)

@@ -32,7 +32,7 @@ from common.data import Splits, load_splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
 from common.masks import MaskBuilder, UnfreezeSchedule
-from common.models import ParameterEMA, build_model, flat_parameters, num_parameters
+from common.models import ParameterEMA, build_model_for, flat_parameters, num_parameters
 from common.server_opt import lr_factor
 
 
@@ -182,7 +182,7 @@ def train_centralized(
         splits = splits_for(cfg)
     plan = make_plan(cfg, len(splits.train))
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
-    model = build_model(cfg.resolved_model(), cfg.dataset)
+    model = build_model_for(cfg)
     engine = DPEngine(
         model,
         cfg,

@@ -26,7 +26,7 @@ from common.config import FederatedConfig, TrainConfig
 from common.data import load_dataset, take_subset
 from common.engine import evaluate
 from common.errors import BudgetError, UserError
-from common.models import build_model
+from common.models import build_model_for
 from common.trainer import reproduce_command, write_csv, write_json_atomic
 from server.ledger import PrivacyLedger
 from server.strategy import AdaDPIGUStrategy, RoundError
@@ -145,7 +145,7 @@ def run_federated(
             fh.write((command or federated_command(cfg, fed)) + "\n")
 
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
-    model = build_model(cfg.resolved_model(), cfg.dataset)
+    model = build_model_for(cfg)
     test = take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset)
     ledger = PrivacyLedger(
         delta=cfg.delta,

@@ -80,6 +80,11 @@ def _cases():
     )
     yield "mnist-cnn", build_model("mnist-cnn", "mnist"), torch.randn(3, 1, 28, 28)
     yield "cifar-cnn", build_model("cifar-cnn", "cifar10"), torch.randn(3, 3, 32, 32)
+    yield (
+        "mnist-cnn-gn-relu",
+        build_model("mnist-cnn-gn", "mnist", activation="relu"),
+        torch.randn(3, 1, 28, 28),
+    )
     yield "resnet18-gn", build_model("resnet18-gn", "cifar10"), torch.randn(2, 3, 32, 32)
 
 
@@ -127,6 +132,7 @@ def test_func_sampler_interface_matches_hooks():
 
 
 NATIVE = {
+    "mnist-cnn-gn-relu",
     "conv2d",
     "conv-im2col",
     "linear",
