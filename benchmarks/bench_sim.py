@@ -146,6 +146,8 @@ def run_one(
         t0 = time.time()
         summary = simulate(cfg, fed, num_supernodes=clients, num_cpus=1.0, ray_num_cpus=cores)
         total = time.time() - t0
+    if summary is None or "error" in summary:
+        raise RuntimeError(f"simulation failed: {summary and summary['error']}")
     with open(os.path.join(summary["run_dir"], "metrics.json")) as fh:
         rows = [r for r in json.load(fh) if r["round"] > 0]
     # a round's full period (including the server's per-round files and checkpoint) is the

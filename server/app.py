@@ -52,12 +52,17 @@ def make_server_app(
     run_dir: str | None = None,
     on_done: Callable[[dict | None], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp with fixed settings; ``on_done`` receives the run summary."""
+    """A ServerApp with fixed settings; ``on_done`` receives the run summary, or
+    ``{"error": reason}`` when the run failed."""
     fixed = ServerApp()
 
     @fixed.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary = _run_guarded(grid, cfg, fed, command=command, run_dir=run_dir)
+        try:
+            summary = run_federated(grid, cfg, fed, command=command, run_dir=run_dir)
+        except Exception as exc:  # the caller's last line names the cause (not "see above")
+            log(ERROR, "adadpigu: error: %s", exc)
+            summary = {"error": str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"}
         if on_done is not None:
             on_done(summary)
 

@@ -97,6 +97,16 @@ def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:
     if summary is None:
         print("adadpigu: error: the federated run did not complete (see the log above)", file=sys.stderr)
         return 2
+    if "error" in summary:
+        print(f"adadpigu: error: {summary['error']}", file=sys.stderr)
+        return 2
+    if summary["stop_reason"] != "completed":  # resumable: the run folder says where it stopped
+        print(
+            f"adadpigu: error: the run stopped after round {summary['rounds_completed']}: "
+            f"{summary['stop_reason']} (run folder {summary['run_dir']})",
+            file=sys.stderr,
+        )
+        return 2
     if args.json:
         print(json.dumps(summary))
     return 0

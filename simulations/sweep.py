@@ -207,8 +207,9 @@ def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[st
         summary = simulate(
             cfg, fed, num_supernodes=sweep.num_supernodes, num_cpus=sweep.num_cpus, run_dir=target
         )
-        if summary is None:
-            raise UserError(f"federated cell {cell} did not complete; see the log")
+        if summary is None or "error" in summary:
+            reason = "see the log" if summary is None else summary["error"]
+            raise UserError(f"federated cell {cell} did not complete: {reason}")
     log(f"{tag} {cell}: test accuracy {summary.get('test_accuracy_best_val'):.4f} in {time.time() - t0:.0f}s")
 
 
