@@ -20,10 +20,25 @@ from common.errors import UserError
 EXIT_USER_ERROR = 2
 
 
+def setting_help(name: str, default: object) -> str:
+    """A flag's help line from the one settings source (common.config.HELP + the default)."""
+    from common.config import HELP
+
+    shown = "not set" if default is None else repr(default)
+    return f"{HELP[name]} (default: {shown})"
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig().to_dict()
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar="VALUE")
+        key = f.name.replace("_", "-")
+        parser.add_argument(
+            "--" + key,
+            dest=f"cfg_{f.name}",
+            default=None,
+            metavar="VALUE",
+            help=setting_help(key, defaults[key]),
+        )
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:

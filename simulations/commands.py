@@ -14,9 +14,17 @@ from common.errors import ConfigError, UserError
 
 
 def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
+    from simulations.cli import setting_help
+
+    defaults = FederatedConfig().to_dict()
     for f in fields(FederatedConfig):
+        key = f.name.replace("_", "-")
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f"fed_{f.name}", default=None, metavar="VALUE"
+            "--" + key,
+            dest=f"fed_{f.name}",
+            default=None,
+            metavar="VALUE",
+            help=setting_help(key, defaults[key]),
         )
 
 

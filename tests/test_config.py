@@ -77,3 +77,17 @@ def test_schedule_parsing():
 def test_batch_larger_than_data_rejected():
     with pytest.raises(ConfigError, match="batch-size"):
         TrainConfig(batch_size=100).resolved_sample_rate(50)
+
+
+def test_every_setting_has_a_help_line_and_the_cli_shows_it(capsys):
+    from dataclasses import fields
+
+    from common.config import HELP, FederatedConfig, TrainConfig
+    from simulations.cli import main
+
+    keys = {f.name.replace("_", "-") for cls in (TrainConfig, FederatedConfig) for f in fields(cls)}
+    assert keys == set(HELP)
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    out = capsys.readouterr().out
+    assert "fedavg | fedavgm" in out and "(default: 'fedavg')" in out and "--client-optimizer-state" in out
