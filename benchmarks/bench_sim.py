@@ -139,7 +139,7 @@ def run_one(
     t_step: float,
     local_steps: int,
 ) -> dict:
-    from simulations.commands import simulate
+    from simulations.launcher import simulate
 
     cfg, fed = _configs(clients, per_client=per_client, rounds=rounds, batch=batch, out_dir=out_dir)
     with PeakMemory() as mem:

@@ -547,3 +547,9 @@ HELP: dict[str, str] = {
     "server-beta2": "fedadam / fedyogi second-moment rate",
     "server-tau": "adaptive server optimizers' epsilon (adaptivity)",
 }
+
+
+def setting_help(name: str, default: object) -> str:
+    """A CLI flag's help line: its meaning (:data:`HELP`) and its default."""
+    shown = "not set" if default is None else repr(default)
+    return f"{HELP[name]} (default: {shown})"

@@ -100,24 +100,23 @@ def load_checkpoint(run_dir: str, cfg: TrainConfig, fed: FederatedConfig) -> tup
 
 
 def _write_label_distribution(cfg: TrainConfig, num_partitions: int, run_dir: str, log_fn) -> None:
-    """PNG of the label distribution per silo, recomputed from the public partition recipe.
+    """``label-distribution.json``: examples per class per silo, recomputed from the public
+    partition recipe (``simulations`` draws it: ``adadpigu plot``, ``adadpigu simulate``).
 
     Possible in simulation and on-loopback runs, where the server can load the same
     dataset; clients never send label counts (they are not DP).
     """
     try:
         from common.partition import label_distribution, partition_indices, skew_statistic
-        from simulations.plots import plot_label_distribution
 
         labels = take_subset(load_dataset(cfg.dataset, cfg.data_dir, True), cfg.train_subset).y
         dist = label_distribution(labels, partition_indices(labels, num_partitions, cfg))
-        plot_label_distribution(
-            dist,
-            os.path.join(run_dir, "label-distribution.png"),
-            title=f"{cfg.dataset}, {cfg.partitioner}, {num_partitions} silos (skew {skew_statistic(dist):.3f})",
+        title = f"{cfg.dataset}, {cfg.partitioner}, {num_partitions} silos (skew {skew_statistic(dist):.3f})"
+        write_json_atomic(
+            os.path.join(run_dir, "label-distribution.json"), {"counts": dist.tolist(), "title": title}
         )
-    except Exception as exc:  # a missing plot must not stop a DP run
-        log_fn(f"[plan] no label-distribution plot: {exc}")
+    except Exception as exc:  # missing counts must not stop a DP run
+        log_fn(f"[plan] no label distribution: {exc}")
 
 
 def run_federated(

@@ -14,18 +14,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from common.config import TrainConfig
+from common.config import TrainConfig, setting_help
 from common.errors import UserError
 
 EXIT_USER_ERROR = 2
-
-
-def setting_help(name: str, default: object) -> str:
-    """A flag's help line from the one settings source (common.config.HELP + the default)."""
-    from common.config import HELP
-
-    shown = "not set" if default is None else repr(default)
-    return f"{HELP[name]} (default: {shown})"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,21 +1,19 @@
-"""CLI sub-commands that run Flower: ``adadpigu simulate``."""
+"""CLI sub-commands that run Flower: ``adadpigu simulate``, ``sweep``, ``report``, ``audit``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from dataclasses import fields
 
-from common.config import FederatedConfig
+from common.config import FederatedConfig, setting_help
 from common.errors import ConfigError, UserError
+from simulations.launcher import simulate
 
 
 def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
-    from simulations.cli import setting_help
-
     defaults = FederatedConfig().to_dict()
     for f in fields(FederatedConfig):
         key = f.name.replace("_", "-")
@@ -31,63 +29,6 @@ def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
 def _fed_from_args(args: argparse.Namespace) -> FederatedConfig:
     values = {k[len("fed_") :]: v for k, v in vars(args).items() if k.startswith("fed_") and v is not None}
     return FederatedConfig.from_mapping(values)
-
-
-def simulate(
-    cfg,
-    fed: FederatedConfig,
-    *,
-    num_supernodes: int,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    ray_num_cpus: int | None = None,
-    command: str | None = None,
-    run_dir: str | None = None,
-) -> dict | None:
-    """Run the federated system in Flower's simulation runtime (Ray backend) from Python."""
-    if num_supernodes < 1:
-        raise ConfigError("num-supernodes", num_supernodes, "must be >= 1")
-    if num_cpus <= 0:
-        raise ConfigError("num-cpus", num_cpus, "must be > 0")
-    if num_gpus < 0:
-        raise ConfigError("num-gpus", num_gpus, "must be >= 0")
-    fed.importance_rounds_for(cfg)  # fail before Ray starts
-    if fed.min_available_nodes > num_supernodes or fed.min_train_nodes > num_supernodes:
-        raise ConfigError(
-            "min-available-nodes",
-            max(fed.min_available_nodes, fed.min_train_nodes),
-            f"cannot exceed num-supernodes ({num_supernodes})",
-        )
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray starts its workers at nice 15: next to any normal-priority process the clients
-    # then get a few percent of a core. Run them at the caller's priority unless told otherwise.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    # Ray workers import the apps by module name: make the project importable there.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
-    os.environ.setdefault("ADADPIGU_DATA_DIR", os.path.abspath(cfg.data_dir))
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
-    from server.app import make_server_app
-
-    holder: list[dict | None] = []
-    server_app = make_server_app(cfg, fed, command=command, run_dir=run_dir, on_done=holder.append)
-    init_args = {"num_cpus": int(ray_num_cpus or os.cpu_count() or 1)}
-    if num_gpus > 0:
-        init_args["num_gpus"] = 1
-    backend_config = {
-        "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-        "init_args": init_args,
-    }
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_supernodes,
-        backend_config=backend_config,
-    )
-    return holder[0] if holder else None
 
 
 def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:

@@ -1,6 +1,6 @@
 """Figures (PNG) of data splits and results: ``adadpigu plot DIR`` and ``adadpigu plot-partition``.
 
-Result plots take the rows of :func:`simulations.sweep.collect` (one per finished run:
+Result plots take the rows of :func:`simulations.results.collect` (one per finished run:
 its settings with kebab-case keys, ``test_accuracy_best_val``, ``test_accuracy_final``,
 ``epsilon_spent``, ``run_dir``, ...); curves are read from ``<run_dir>/metrics.json``
 (centralized: one row per ``epoch`` with ``test_accuracy``, ``epsilon``; federated: one
@@ -432,6 +432,18 @@ def plot_accuracy_vs_alpha(rows: Sequence[dict], path: str) -> str | None:
     )
 
 
+def plot_run_label_distribution(run_dir: str) -> str | None:
+    """``label-distribution.png`` in a federated run folder, from the counts the server wrote."""
+    src = os.path.join(run_dir, "label-distribution.json")
+    if not os.path.exists(src):
+        return None
+    with open(src) as fh:
+        data = json.load(fh)
+    return plot_label_distribution(
+        np.asarray(data["counts"]), os.path.join(run_dir, "label-distribution.png"), title=data["title"]
+    )
+
+
 def plot_all(rows: Sequence[dict], out_dir: str) -> list[str]:
     """Every plot the rows support, as PNGs in ``out_dir``; the paths written."""
     out = []
@@ -448,12 +460,13 @@ def plot_all(rows: Sequence[dict], out_dir: str) -> list[str]:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from simulations.sweep import collect
+    from simulations.results import collect
 
     rows = collect(args.dir)
     if not rows:
         raise UserError(f"no finished runs (summary.json) under {args.dir}")
     paths = plot_all(rows, args.out or os.path.join(args.dir, "plots"))
+    paths += [p for p in (plot_run_label_distribution(r["run_dir"]) for r in rows) if p]
     if not paths:
         raise UserError(f"the {len(rows)} runs under {args.dir} hold nothing to plot (no metrics.json)")
     for p in paths:

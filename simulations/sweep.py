@@ -39,17 +39,7 @@ from dataclasses import dataclass, field, fields
 from common.config import FederatedConfig, TrainConfig
 from common.errors import ConfigError, UserError
 from simulations.deploy import process_alive
-
-# summary.json key -> results column
-SUMMARY_KEYS = {
-    "test_accuracy_best_val": "test_accuracy_best_val",
-    "test_accuracy_final": "test_accuracy_final",
-    "best_val_accuracy": "best_val_accuracy",
-    "epsilon": "epsilon_spent",  # centralized
-    "max_epsilon": "epsilon_spent",  # federated: the largest over clients
-    "rounds_completed": "rounds_completed",
-    "seconds": "seconds",
-}
+from simulations.results import collect  # noqa: F401  (re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -202,7 +192,7 @@ def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[st
 
         summary = train_centralized(cfg, log=lambda s: None, run_dir=target)
     else:
-        from simulations.commands import simulate
+        from simulations.launcher import simulate
 
         summary = simulate(
             cfg, fed, num_supernodes=sweep.num_supernodes, num_cpus=sweep.num_cpus, run_dir=target
@@ -211,31 +201,6 @@ def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[st
             reason = "see the log" if summary is None else summary["error"]
             raise UserError(f"federated cell {cell} did not complete: {reason}")
     log(f"{tag} {cell}: test accuracy {summary.get('test_accuracy_best_val'):.4f} in {time.time() - t0:.0f}s")
-
-
-def collect(root: str) -> list[dict]:
-    """One row per run folder under ``root`` (any depth) that has a summary.json."""
-    rows = []
-    for dirpath, _dirs, files in sorted(os.walk(root)):
-        if "summary.json" not in files:
-            continue
-        with open(os.path.join(dirpath, "summary.json")) as fh:
-            summary = json.load(fh)
-        config = {}
-        if os.path.exists(os.path.join(dirpath, "config.json")):
-            with open(os.path.join(dirpath, "config.json")) as fh:
-                config = json.load(fh)
-        flat = {**config.get("train", config), **config.get("federated", {})} if "train" in config else config
-        row = {k: flat.get(k) for k in sorted(flat)}
-        for k, col in SUMMARY_KEYS.items():
-            if summary.get(k) is not None:
-                row[col] = summary[k]
-        row["run_dir"] = dirpath
-        command = os.path.join(dirpath, "command.txt")
-        if os.path.exists(command):
-            row["command"] = open(command).read().strip()
-        rows.append(row)
-    return rows
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:

@@ -39,7 +39,11 @@ def test_faulty_clients_are_left_out_and_still_charged(tmp_path, data_dir):
     for client in ("silo-0", "silo-1", "silo-2"):
         assert [h["round"] for h in ledger["clients"][client]["rounds"]] == [1, 2, 3]
     assert summary["max_epsilon"] <= 8.0
-    png = open(os.path.join(summary["run_dir"], "label-distribution.png"), "rb").read()
+    counts = json.load(open(os.path.join(summary["run_dir"], "label-distribution.json")))["counts"]
+    assert len(counts) == 3 and sum(map(sum, counts)) == 1500  # 3 silos, the whole train subset
+    from simulations.plots import plot_run_label_distribution
+
+    png = open(plot_run_label_distribution(summary["run_dir"]), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
