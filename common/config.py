@@ -394,6 +394,7 @@ class FederatedConfig:
     startup_timeout: float = 600.0
     evaluate_every: int = 1
     resume: str = ""  # a run folder to continue (its checkpoint.pt and ledger.json)
+    reserve_rounds: int = 0  # extra rounds the noise is calibrated for (interruptions)
     max_update_norm: float = 1e3  # replies with a larger L2 norm are rejected as absurd
     # the server's step on the aggregated update (common.server_opt): fedavg, fedavgm (uses
     # server-momentum), fedadagrad / fedadam / fedyogi (server-beta1, server-beta2, server-tau)
@@ -416,6 +417,7 @@ class FederatedConfig:
         _number("round-timeout", self.round_timeout, lo=0.0, lo_open=True)
         _number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
         _number("evaluate-every", self.evaluate_every, lo=1, integer=True)
+        _number("reserve-rounds", self.reserve_rounds, lo=0, hi=10**4, integer=True)
         _number("max-update-norm", self.max_update_norm, lo=0.0, lo_open=True)
         _number("local-steps", self.local_steps, lo=0, hi=10**6, integer=True)
         _choice("client-optimizer-state", self.client_optimizer_state, CLIENT_OPTIMIZER_STATES)
@@ -538,6 +540,7 @@ HELP: dict[str, str] = {
     "startup-timeout": "seconds to wait for clients at the start",
     "evaluate-every": "ask clients for validation accuracy every k rounds (and at the last)",
     "resume": "run folder to continue (its checkpoint.pt and ledger.json)",
+    "reserve-rounds": "rounds of budget kept for replays after interruptions (sigma calibrated for rounds + reserve)",
     "max-update-norm": "replies with a larger L2 norm are rejected",
     "server-optimizer": "fedavg | fedavgm | fedadagrad | fedadam | fedyogi, on the aggregated update",
     "server-momentum": "fedavgm momentum in [0, 1)",

@@ -236,8 +236,11 @@ def run_federated(
             log(
                 WARNING,
                 "round %d was sent before the interruption: its privacy spend stays charged "
-                "(clients may have trained on it) and the round is run again",
+                "(clients may have trained on it) and the round is run again; the plan has %d "
+                "reserve round(s) for this (reserve-rounds), without them the last round may "
+                "not fit the budget",
                 charged,
+                fed.reserve_rounds,
             )
     stop_reason = "completed"
     for rnd in range(first_round, fed.num_server_rounds + 1):

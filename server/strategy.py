@@ -154,7 +154,9 @@ class AdaDPIGUStrategy(FedAvg):
                 ", ".join(sorted(small)[:5]),
             )
         cache: dict[tuple[float, int], float] = {}
-        rounds = self.fed.num_server_rounds
+        # reserve-rounds: budget for rounds that an interruption may cost (a round in flight
+        # when the server dies stays charged and is run again), so the plan still completes
+        rounds = self.fed.num_server_rounds + self.fed.reserve_rounds
         for silo in self.silos.values():
             key = (silo.plan.sample_rate, silo.plan.local_steps)
             if key not in cache:

@@ -150,3 +150,29 @@ def test_sigkill_mid_run_then_resume_keeps_the_ledger(tmp_path, data_dir):
         per_round = ref_steps // 4
         assert steps >= per_round * summary["rounds_completed"]
         assert steps <= ref_steps + per_round
+
+
+class CrashMidRound(InProcessGrid):
+    """Dies while round 3's training messages are out (after the write-ahead ledger)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if self.train_rounds_sent == 2 and any(m.metadata.message_type == "train" for m in messages):
+            raise Crash("server process died mid-round")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("reserve", [0, 1])
+def test_a_kill_mid_round_costs_a_round_unless_a_reserve_was_planned(tmp_path, data_dir, reserve):
+    cfg, fed = configs(tmp_path, data_dir, reserve_rounds=reserve)
+    run = str(tmp_path / "run")
+    with pytest.raises(Crash):
+        run_federated(CrashMidRound(3), cfg, fed, log_fn=lambda s: None, run_dir=run)
+    resumed = run_federated(
+        InProcessGrid(3), cfg, fed.__class__(**{**fed.__dict__, "resume": run}), log_fn=lambda s: None
+    )
+    assert resumed["max_epsilon"] <= 4.0  # the interrupted round stays charged, the budget holds
+    if reserve:
+        assert resumed["stop_reason"] == "completed" and resumed["rounds_completed"] == 4
+    else:
+        assert resumed["stop_reason"].startswith("budget") and resumed["rounds_completed"] == 3
