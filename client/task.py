@@ -33,11 +33,16 @@ _SILOS: dict[tuple, Silo] = {}
 _ENGINES: dict[tuple, DPEngine] = {}
 
 
-def _data_dir(cfg: TrainConfig, context: Context) -> str:
-    """A silo's own data folder wins (node config, then env) over the server's setting."""
+def data_dir_for(cfg: TrainConfig, context: Context) -> str:
+    """Which data a silo reads, one rule (README "Data"): the silo's own ``data-dir`` node
+    config, else the run's ``data-dir`` when it was set explicitly (run config), else this
+    process's ``$ADADPIGU_DATA_DIR``, else the folder the server resolved."""
     node_dir = context.node_config.get("data-dir")
     if node_dir:
         return str(node_dir)
+    run_dir = context.run_config.get("data-dir") if context.run_config else None
+    if run_dir:
+        return str(run_dir)
     return os.environ.get(DEFAULT_DATA_DIR_ENV) or cfg.data_dir
 
 
@@ -57,7 +62,7 @@ def _data_key(cfg: TrainConfig) -> tuple:
 def get_silo(cfg: TrainConfig, context: Context) -> Silo:
     pid = int(context.node_config["partition-id"])
     nparts = int(context.node_config["num-partitions"])
-    data_dir = _data_dir(cfg, context)
+    data_dir = data_dir_for(cfg, context)
     key = (_data_key(cfg), pid, nparts, data_dir)
     if key not in _SILOS:
         train, val = load_silo(cfg, pid, nparts, data_dir=data_dir)

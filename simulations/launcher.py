@@ -42,7 +42,9 @@ def simulate(
     # Ray workers import the apps by module name: make the project importable there.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
-    os.environ.setdefault("ADADPIGU_DATA_DIR", os.path.abspath(cfg.data_dir))
+    # the run's data folder (flag > $ADADPIGU_DATA_DIR > ./data, resolved in cfg) is the one
+    # every simulated silo reads: a different $ADADPIGU_DATA_DIR must not win in the workers
+    os.environ["ADADPIGU_DATA_DIR"] = os.path.abspath(cfg.data_dir)
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app

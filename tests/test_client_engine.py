@@ -3,6 +3,8 @@ into the next client's round (same seed, same reply as a fresh process)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -74,3 +76,37 @@ def test_shared_engine_gives_each_client_the_reply_of_a_fresh_process(data_dir):
         assert shared.keys() == fresh.keys()
         for k in shared:
             np.testing.assert_array_equal(shared[k], fresh[k])
+
+
+def test_which_data_a_silo_reads_follows_one_rule(monkeypatch, tmp_path):
+    """node config > the run's explicit data-dir > $ADADPIGU_DATA_DIR > the server's folder."""
+    cfg = TrainConfig(method="dpsgd", data_dir=str(tmp_path / "server"))
+
+    def ctx(node=None, run=None):
+        return Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0, "num-partitions": 2, **({"data-dir": node} if node else {})},
+            state=RecordDict(),
+            run_config={"data-dir": run} if run else {},
+        )
+
+    monkeypatch.delenv("ADADPIGU_DATA_DIR", raising=False)
+    assert task.data_dir_for(cfg, ctx()) == str(tmp_path / "server")
+    monkeypatch.setenv("ADADPIGU_DATA_DIR", "/env/data")
+    assert task.data_dir_for(cfg, ctx()) == "/env/data"
+    assert task.data_dir_for(cfg, ctx(run="/flag/data")) == "/flag/data"  # the run's flag beats the env
+    assert task.data_dir_for(cfg, ctx(node="/silo/own", run="/flag/data")) == "/silo/own"
+
+
+def test_simulate_makes_every_worker_read_the_runs_data(monkeypatch, tmp_path):
+    import flwr.simulation
+
+    from simulations import launcher
+
+    seen = {}
+    monkeypatch.setenv("ADADPIGU_DATA_DIR", "/somewhere/else")
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: seen.update(os.environ))
+    cfg = TrainConfig(method="dpsgd", data_dir=str(tmp_path))
+    launcher.simulate(cfg, launcher.FederatedConfig(), num_supernodes=2)
+    assert seen["ADADPIGU_DATA_DIR"] == str(tmp_path)
