@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import torch
@@ -23,7 +24,7 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import FederatedConfig, TrainConfig
-from common.data import load_dataset, take_subset
+from common.data import TensorData, load_dataset, take_subset
 from common.engine import evaluate
 from common.errors import BudgetError, UserError
 from common.models import build_model_for
@@ -119,6 +120,24 @@ def _write_label_distribution(cfg: TrainConfig, num_partitions: int, run_dir: st
         log_fn(f"[plan] no label distribution: {exc}")
 
 
+@dataclass
+class FederatedRun:
+    """What a federated run carries from one round to the next (and into its checkpoint)."""
+
+    cfg: TrainConfig
+    fed: FederatedConfig
+    run_dir: str
+    strategy: AdaDPIGUStrategy
+    ledger: PrivacyLedger
+    test: TensorData
+    log_fn: Callable[[str], None]
+    t0: float
+    rows: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"round": 0, "val_accuracy": -1.0})
+    best_state: dict = field(default_factory=dict)
+    first_round: int = 1
+
+
 def run_federated(
     grid: Grid,
     cfg: TrainConfig,
@@ -129,37 +148,86 @@ def run_federated(
     run_dir: str | None = None,
 ) -> dict:
     """Run the whole federated training; returns the summary (also in the run folder)."""
+    run = set_up(grid, cfg, fed, log_fn=log_fn, command=command, run_dir=run_dir)
+    arrays = ArrayRecord(run.strategy.model.state_dict())
+    stop_reason = "completed"
+    for rnd in range(run.first_round, fed.num_server_rounds + 1):
+        arrays, stop_reason = run_round(grid, run, rnd, arrays)
+        if stop_reason != "completed":
+            break
+    return finish(run, stop_reason)
+
+
+# ----- set up ---------------------------------------------------------------------------
+
+
+def set_up(
+    grid: Grid,
+    cfg: TrainConfig,
+    fed: FederatedConfig,
+    *,
+    log_fn: Callable[[str], None],
+    command: str | None,
+    run_dir: str | None,
+) -> FederatedRun:
+    """Open (or reopen) the run folder, find and plan the silos, restore a checkpoint."""
     t0 = time.time()
-    ckpt = None
-    if fed.resume:
-        run_dir = fed.resume
-        ckpt, resumed_ledger = load_checkpoint(run_dir, cfg, fed)
-    run_dir = run_dir or fed_run_dir(cfg, fed)
-    os.makedirs(run_dir, exist_ok=True)
-    if ckpt is None:
-        write_json_atomic(
-            os.path.join(run_dir, "config.json"), {"train": cfg.to_dict(), "federated": fed.to_dict()}
-        )
-        with open(os.path.join(run_dir, "command.txt"), "w") as fh:
-            fh.write((command or federated_command(cfg, fed)) + "\n")
+    ckpt, resumed_ledger = load_checkpoint(fed.resume, cfg, fed) if fed.resume else (None, None)
+    run_dir = _open_run_dir(cfg, fed, fed.resume or run_dir, fresh=ckpt is None, command=command)
 
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
     model = build_model_for(cfg)
     test = take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset)
-    ledger = PrivacyLedger(
+    ledger = resumed_ledger if resumed_ledger is not None else PrivacyLedger(
         delta=cfg.delta,
         accountant=cfg.accountant,
         target_epsilon=cfg.epsilon if cfg.private else None,
         private=cfg.private,
     )
     if ckpt is not None:
-        ledger = resumed_ledger
         model.load_state_dict(ckpt["model"])
     strategy = AdaDPIGUStrategy(cfg, fed, model=model, ledger=ledger)
     strategy.run_key = re.sub(r"[^A-Za-z0-9._=-]", "_", os.path.basename(os.path.normpath(run_dir))).lstrip(
         "._=-"
     )
+    run = FederatedRun(cfg, fed, run_dir, strategy, ledger, test, log_fn, t0)
+    _discover_and_plan(grid, run, ckpt)
+    if ckpt is None:
+        test_loss, test_acc = evaluate(strategy.model, test)
+        run.rows = [
+            {
+                "round": 0,
+                "phase": "init",
+                "retention_ratio": 1.0,
+                "test_accuracy": test_acc,
+                "test_loss": test_loss,
+                **ledger.summary([]),  # 0 before any round (infinite for a non-private run)
+            }
+        ]
+        log_fn(f"[round   0] init test acc {test_acc:.4f}")
+        run.best_state = copy.deepcopy(model.state_dict())
+    else:
+        _restore_progress(run, ckpt)
+    return run
 
+
+def _open_run_dir(
+    cfg: TrainConfig, fed: FederatedConfig, run_dir: str | None, *, fresh: bool, command: str | None
+) -> str:
+    run_dir = run_dir or fed_run_dir(cfg, fed)
+    os.makedirs(run_dir, exist_ok=True)
+    if fresh:
+        write_json_atomic(
+            os.path.join(run_dir, "config.json"), {"train": cfg.to_dict(), "federated": fed.to_dict()}
+        )
+        with open(os.path.join(run_dir, "command.txt"), "w") as fh:
+            fh.write((command or federated_command(cfg, fed)) + "\n")
+    return run_dir
+
+
+def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None:
+    """Wait for the nodes, ask each for its silo's sizes, calibrate the noise, write plan.json."""
+    cfg, fed, strategy = run.cfg, run.fed, run.strategy
     nodes = wait_for_nodes(grid, fed.min_available_nodes, fed.startup_timeout)
     t_nodes = time.time()
     query = ConfigRecord({P.TRAIN_CONFIG: strategy.train_config_json})
@@ -185,8 +253,8 @@ def run_federated(
                 "resume: the silos or their sizes changed since the checkpoint (noise multipliers "
                 f"{ckpt['strategy']['noise']} -> {now}); refusing to continue"
             )
-    log_fn(
-        f"[setup] {len(nodes)} nodes after {t_nodes - t0:.1f}s; silo query {t_query - t_nodes:.1f}s; "
+    run.log_fn(
+        f"[setup] {len(nodes)} nodes after {t_nodes - run.t0:.1f}s; silo query {t_query - t_nodes:.1f}s; "
         f"noise calibration {time.time() - t_query:.1f}s"
     )
     plans = {
@@ -199,148 +267,150 @@ def run_federated(
         }
         for s in sorted(strategy.silos.values(), key=lambda s: s.name)
     }
-    write_json_atomic(os.path.join(run_dir, "plan.json"), plans)
+    write_json_atomic(os.path.join(run.run_dir, "plan.json"), plans)
     if ckpt is None:
-        _write_label_distribution(cfg, len(strategy.silos), run_dir, log_fn)
+        _write_label_distribution(cfg, len(strategy.silos), run.run_dir, run.log_fn)
     sigmas = sorted({round(s.noise_multiplier, 6) for s in strategy.silos.values()})
-    log_fn(
+    run.log_fn(
         f"[plan] {cfg.method} on {cfg.dataset}: {len(strategy.silos)} silos, {fed.num_server_rounds} rounds "
         f"({strategy.importance_rounds} importance), noise multiplier {sigmas}, target epsilon "
-        f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; run folder {run_dir}"
+        f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; run folder {run.run_dir}"
     )
 
-    arrays = ArrayRecord(model.state_dict())
-    if ckpt is None:
-        rows: list[dict] = []
-        test_loss, test_acc = evaluate(strategy.model, test)
-        rows.append(
-            {
-                "round": 0,
-                "phase": "init",
-                "retention_ratio": 1.0,
-                "test_accuracy": test_acc,
-                "test_loss": test_loss,
-                **ledger.summary([]),  # 0 before any round (infinite for a non-private run)
-            }
+
+def _restore_progress(run: FederatedRun, ckpt: dict) -> None:
+    run.rows, run.best, run.best_state = ckpt["rows"], ckpt["best"], ckpt["best_state"]
+    run.first_round = int(ckpt["round"]) + 1
+    charged = max((h["round"] for hs in run.ledger.history.values() for h in hs), default=0)
+    run.log_fn(f"[resume] continuing {run.run_dir} at round {run.first_round}")
+    if charged >= run.first_round:
+        log(
+            WARNING,
+            "round %d was sent before the interruption: its privacy spend stays charged "
+            "(clients may have trained on it) and the round is run again; the plan has %d "
+            "reserve round(s) for this (reserve-rounds), without them the last round may "
+            "not fit the budget",
+            charged,
+            run.fed.reserve_rounds,
         )
-        log_fn(f"[round   0] init test acc {test_acc:.4f}")
-        best = {"round": 0, "val_accuracy": -1.0}
-        best_state = copy.deepcopy(model.state_dict())
-        first_round = 1
-    else:
-        rows, best, best_state = ckpt["rows"], ckpt["best"], ckpt["best_state"]
-        first_round = int(ckpt["round"]) + 1
-        charged = max((h["round"] for hs in ledger.history.values() for h in hs), default=0)
-        log_fn(f"[resume] continuing {run_dir} at round {first_round}")
-        if charged >= first_round:
-            log(
-                WARNING,
-                "round %d was sent before the interruption: its privacy spend stays charged "
-                "(clients may have trained on it) and the round is run again; the plan has %d "
-                "reserve round(s) for this (reserve-rounds), without them the last round may "
-                "not fit the budget",
-                charged,
-                fed.reserve_rounds,
-            )
+
+
+# ----- one round ------------------------------------------------------------------------
+
+
+def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, str]:
+    """Check the budget, charge, train, aggregate, evaluate, write; (new arrays, stop reason)."""
+    strategy, fed = run.strategy, run.fed
+    t_round = time.time()
+    try:
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+    except (BudgetError, RoundError) as exc:
+        kind = "budget" if isinstance(exc, BudgetError) else "clients"
+        log(WARNING, "stopping before round %d: %s", rnd, exc)
+        return arrays, f"{kind}: {exc}"
+    strategy.record_spend(rnd)
+    # write-ahead: the spend is on disk before any client starts training
+    write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict())
+    t_send = time.time()
+    replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+    t_clients = time.time() - t_send
+    new_arrays, agg = strategy.aggregate_train(rnd, replies)
+    arrays = new_arrays if new_arrays is not None else arrays
+    agg_d = dict(agg) if agg is not None else {}
     stop_reason = "completed"
-    for rnd in range(first_round, fed.num_server_rounds + 1):
-        t_round = time.time()
-        try:
-            messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-        except BudgetError as exc:
-            stop_reason = f"budget: {exc}"
-            log(WARNING, "stopping before round %d: %s", rnd, exc)
-            break
-        except RoundError as exc:
-            stop_reason = f"clients: {exc}"
-            log(WARNING, "stopping before round %d: %s", rnd, exc)
-            break
-        strategy.record_spend(rnd)
-        # write-ahead: the spend is on disk before any client starts training
-        write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
-        t_send = time.time()
-        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-        t_clients = time.time() - t_send
-        new_arrays, agg = strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        agg_d = dict(agg) if agg is not None else {}
-        if agg_d.get("insufficient"):
-            stop_reason = (
-                f"clients: round {rnd} got {int(agg_d.get('clients-valid', 0))} valid updates of "
-                f"{int(agg_d.get('clients-sent', 0))} sent, fewer than min-train-nodes ({fed.min_train_nodes})"
-            )
-        eval_model = strategy.evaluation_model()  # the EMA of the weights when ema-decay > 0
-        test_loss, test_acc = evaluate(eval_model, test)
-        val = None
-        if rnd % fed.evaluate_every == 0 or rnd == fed.num_server_rounds:
-            eval_arrays = arrays if eval_model is strategy.model else ArrayRecord(eval_model.state_dict())
-            ev_replies = grid.send_and_receive(
-                strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid),
-                timeout=fed.round_timeout,
-            )
-            val = strategy.aggregate_evaluate(rnd, ev_replies)
-        val_acc = float(val[P.VAL_ACCURACY]) if val is not None else math.nan
-        eps = ledger.summary(s.name for s in strategy.silos.values())
-        n_sent = max(int(agg_d.get("clients-sent", 0)), 1)
-        row = {
+    if agg_d.get("insufficient"):
+        stop_reason = (
+            f"clients: round {rnd} got {int(agg_d.get('clients-valid', 0))} valid updates of "
+            f"{int(agg_d.get('clients-sent', 0))} sent, fewer than min-train-nodes ({fed.min_train_nodes})"
+        )
+    eval_model = strategy.evaluation_model()  # the EMA of the weights when ema-decay > 0
+    row = _round_row(grid, run, rnd, arrays, eval_model, agg_d)
+    row.update(seconds=time.time() - t_round, seconds_clients=t_clients, started_at=t_round)
+    # "seconds_clients": from sending the training messages to the last reply (the rest of
+    # "seconds" is the server's own work: checks, aggregation, evaluation, files)
+    run.rows.append(row)
+    if not math.isnan(row["val_accuracy"]) and row["val_accuracy"] > run.best["val_accuracy"]:
+        run.best = {"round": rnd, "val_accuracy": row["val_accuracy"]}
+        run.best_state = copy.deepcopy(eval_model.state_dict())
+    _write_round(run, rnd, eval_model)
+    run.log_fn(
+        f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {row['test_accuracy']:.4f} "
+        f"val acc {row['val_accuracy']:.4f} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "
+        f"up {row['bytes_up_per_client'] / 1e3:.1f} kB down {row['bytes_down_per_client'] / 1e3:.1f} kB "
+        f"rejected {row['rejected_updates']} failed {row['failed_clients']} ({row['seconds']:.1f}s)"
+    )
+    if stop_reason != "completed":
+        log(WARNING, "stopping after round %d: %s", rnd, stop_reason)
+    return arrays, stop_reason
+
+
+def _round_row(
+    grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord, eval_model: torch.nn.Module, agg_d: dict
+) -> dict:
+    """The round's metrics row: test and validation accuracy of ``eval_model``, epsilon, traffic."""
+    strategy, fed = run.strategy, run.fed
+    test_loss, test_acc = evaluate(eval_model, run.test)
+    val = None
+    if rnd % fed.evaluate_every == 0 or rnd == fed.num_server_rounds:
+        eval_arrays = arrays if eval_model is strategy.model else ArrayRecord(eval_model.state_dict())
+        ev_replies = grid.send_and_receive(
+            strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid),
+            timeout=fed.round_timeout,
+        )
+        val = strategy.aggregate_evaluate(rnd, ev_replies)
+    eps = run.ledger.summary(s.name for s in strategy.silos.values())
+    n_sent = max(int(agg_d.get("clients-sent", 0)), 1)
+    return {
+        "round": rnd,
+        "phase": strategy.phase_of(rnd),
+        "retention_ratio": strategy.ratio_of(rnd),
+        "active_ratio": 1.0 if strategy.mask is None else float(strategy.mask.float().mean()),
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "val_accuracy": float(val[P.VAL_ACCURACY]) if val is not None else math.nan,
+        "max_epsilon": eps["max_epsilon"],
+        "mean_epsilon": eps["mean_epsilon"],
+        "clients": int(agg_d.get("clients-sent", 0)),
+        "valid_updates": int(agg_d.get("clients-valid", 0)),
+        "rejected_updates": int(agg_d.get("rejected", 0)),
+        "failed_clients": int(agg_d.get("failed", 0)),
+        "bytes_down_per_client": float(agg_d.get("bytes-down", 0.0)) / n_sent,
+        "bytes_up_per_client": float(agg_d.get("bytes-up", 0.0)) / max(int(agg_d.get("clients-valid", 0)), 1),
+        "dense_bytes": 4 * strategy.d,
+    }
+
+
+def _write_round(run: FederatedRun, rnd: int, eval_model: torch.nn.Module) -> None:
+    """Metrics, ledger, the released model and the checkpoint, each written atomically."""
+    write_json_atomic(os.path.join(run.run_dir, "metrics.json"), run.rows)
+    write_csv(os.path.join(run.run_dir, "metrics.csv"), run.rows)
+    write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict())
+    torch.save(eval_model.state_dict(), os.path.join(run.run_dir, "final_model.pt"))
+    save_checkpoint(
+        os.path.join(run.run_dir, "checkpoint.pt"),
+        {
             "round": rnd,
-            "phase": strategy.phase_of(rnd),
-            "retention_ratio": strategy.ratio_of(rnd),
-            "active_ratio": 1.0 if strategy.mask is None else float(strategy.mask.float().mean()),
-            "test_accuracy": test_acc,
-            "test_loss": test_loss,
-            "val_accuracy": val_acc,
-            "max_epsilon": eps["max_epsilon"],
-            "mean_epsilon": eps["mean_epsilon"],
-            "clients": int(agg_d.get("clients-sent", 0)),
-            "valid_updates": int(agg_d.get("clients-valid", 0)),
-            "rejected_updates": int(agg_d.get("rejected", 0)),
-            "failed_clients": int(agg_d.get("failed", 0)),
-            "bytes_down_per_client": float(agg_d.get("bytes-down", 0.0)) / n_sent,
-            "bytes_up_per_client": float(agg_d.get("bytes-up", 0.0))
-            / max(int(agg_d.get("clients-valid", 0)), 1),
-            "dense_bytes": 4 * strategy.d,
-            "seconds": time.time() - t_round,
-            # wall time from sending the training messages to the last reply (the rest of
-            # "seconds" is the server's own work: checks, aggregation, evaluation, files)
-            "seconds_clients": t_clients,
-            "started_at": t_round,
-        }
-        rows.append(row)
-        if not math.isnan(val_acc) and val_acc > best["val_accuracy"]:
-            best = {"round": rnd, "val_accuracy": val_acc}
-            best_state = copy.deepcopy(eval_model.state_dict())
-        write_json_atomic(os.path.join(run_dir, "metrics.json"), rows)
-        write_csv(os.path.join(run_dir, "metrics.csv"), rows)
-        write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
-        torch.save(eval_model.state_dict(), os.path.join(run_dir, "final_model.pt"))
-        save_checkpoint(
-            os.path.join(run_dir, "checkpoint.pt"),
-            {
-                "round": rnd,
-                "fingerprint": config_fingerprint(cfg, fed),
-                "model": strategy.model.state_dict(),
-                "strategy": strategy.state_dict(),
-                "rows": rows,
-                "best": best,
-                "best_state": best_state,
-            },
-        )
-        log_fn(
-            f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {test_acc:.4f} "
-            f"val acc {val_acc:.4f} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "
-            f"up {row['bytes_up_per_client'] / 1e3:.1f} kB down {row['bytes_down_per_client'] / 1e3:.1f} kB "
-            f"rejected {row['rejected_updates']} failed {row['failed_clients']} ({row['seconds']:.1f}s)"
-        )
-        if stop_reason != "completed":
-            log(WARNING, "stopping after round %d: %s", rnd, stop_reason)
-            break
-    torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
-    strategy.model.load_state_dict(best_state)
-    _, best_test = evaluate(strategy.model, test)
-    write_json_atomic(os.path.join(run_dir, "ledger.json"), ledger.to_dict())
-    write_json_atomic(os.path.join(run_dir, "rejections.json"), strategy.rejections)
+            "fingerprint": config_fingerprint(run.cfg, run.fed),
+            "model": run.strategy.model.state_dict(),
+            "strategy": run.strategy.state_dict(),
+            "rows": run.rows,
+            "best": run.best,
+            "best_state": run.best_state,
+        },
+    )
+
+
+# ----- finish ---------------------------------------------------------------------------
+
+
+def finish(run: FederatedRun, stop_reason: str) -> dict:
+    """The best model on validation, the final files and ``summary.json``."""
+    cfg, strategy, ledger, rows, best = run.cfg, run.strategy, run.ledger, run.rows, run.best
+    torch.save(run.best_state, os.path.join(run.run_dir, "best_model.pt"))
+    strategy.model.load_state_dict(run.best_state)
+    _, best_test = evaluate(strategy.model, run.test)
+    write_json_atomic(os.path.join(run.run_dir, "ledger.json"), ledger.to_dict())
+    write_json_atomic(os.path.join(run.run_dir, "rejections.json"), strategy.rejections)
     summary = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -359,14 +429,14 @@ def run_federated(
             [r for r in strategy.rejections if not r["reason"].startswith("client error")]
         ),
         "seed": cfg.seed if cfg.seeded else None,
-        "seconds": time.time() - t0,
-        "run_dir": run_dir,
+        "seconds": time.time() - run.t0,
+        "run_dir": run.run_dir,
     }
-    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    log_fn(
+    write_json_atomic(os.path.join(run.run_dir, "summary.json"), summary)
+    run.log_fn(
         f"[done] {summary['rounds_completed']} rounds ({stop_reason}); best round {best['round']} "
         f"test acc {best_test:.4f}; final {summary['test_accuracy_final']:.4f}; max epsilon "
-        f"{summary['max_epsilon']}; {run_dir}"
+        f"{summary['max_epsilon']}; {run.run_dir}"
     )
     return summary
 
