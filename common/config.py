@@ -379,8 +379,8 @@ class FederatedConfig:
     ``local_epochs`` epochs of Poisson-sampled steps per round.
     """
 
-    num_server_rounds: int = 10
-    importance_rounds: int = 1
+    num_server_rounds: int = 100
+    importance_rounds: int = 2
     local_epochs: float = 1.0
     local_steps: int = 0  # Poisson steps per round; 0 = round(local_epochs / q)
     # a client's optimizer state (momentum, Adam moments) across rounds: "keep" it in the
@@ -465,13 +465,26 @@ class FederatedConfig:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
 
+# TrainConfig settings that only centralized training reads: a federated run refuses them
+# (its plan is num-server-rounds, importance-rounds, local-epochs / local-steps)
+CENTRALIZED_ONLY = ("epochs", "pretrain-fraction", "pretrain-noise-multiplier")
+
+
 def split_run_config(values: Mapping[str, Any]) -> tuple[TrainConfig, FederatedConfig]:
-    """Split a Flower run config into (TrainConfig, FederatedConfig); unknown keys are errors."""
+    """Split a Flower run config into (TrainConfig, FederatedConfig); unknown keys and
+    centralized-only settings are errors."""
     train_keys = {f.name for f in fields(TrainConfig)}
     fed_keys = {f.name for f in fields(FederatedConfig)}
     train_part, fed_part = {}, {}
     for k, v in values.items():
         name = k.replace("-", "_")
+        if name.replace("_", "-") in CENTRALIZED_ONLY:
+            raise ConfigError(
+                k,
+                v,
+                "is read by centralized training only (adadpigu train); a federated run's plan is "
+                "num-server-rounds, importance-rounds and local-epochs / local-steps",
+            )
         if name in train_keys:
             train_part[k] = v
         elif name in fed_keys:

@@ -178,11 +178,15 @@ def set_up(
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
     model = build_model_for(cfg)
     test = take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset)
-    ledger = resumed_ledger if resumed_ledger is not None else PrivacyLedger(
-        delta=cfg.delta,
-        accountant=cfg.accountant,
-        target_epsilon=cfg.epsilon if cfg.private else None,
-        private=cfg.private,
+    ledger = (
+        resumed_ledger
+        if resumed_ledger is not None
+        else PrivacyLedger(
+            delta=cfg.delta,
+            accountant=cfg.accountant,
+            target_epsilon=cfg.epsilon if cfg.private else None,
+            private=cfg.private,
+        )
     )
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

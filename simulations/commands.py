@@ -8,7 +8,7 @@ import shlex
 import sys
 from dataclasses import fields
 
-from common.config import FederatedConfig, setting_help
+from common.config import CENTRALIZED_ONLY, FederatedConfig, setting_help, split_run_config
 from common.errors import ConfigError, UserError
 from simulations.launcher import simulate
 
@@ -31,7 +31,15 @@ def _fed_from_args(args: argparse.Namespace) -> FederatedConfig:
     return FederatedConfig.from_mapping(values)
 
 
+def refuse_centralized_only(values: dict) -> None:
+    """A federated run refuses settings only centralized training reads (common.config)."""
+    for key in CENTRALIZED_ONLY:
+        if values.get(key) is not None:
+            split_run_config({key: values[key]})  # raises the one error message for it
+
+
 def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:
+    refuse_centralized_only({k: getattr(args, "cfg_" + k.replace("-", "_"), None) for k in CENTRALIZED_ONLY})
     cfg = config_from_args(args)
     fed = _fed_from_args(args)
     summary = simulate(

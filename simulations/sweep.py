@@ -114,6 +114,9 @@ def configs_for(sweep: Sweep, cell: dict) -> tuple[TrainConfig, FederatedConfig]
     cfg = TrainConfig.from_mapping({k: v for k, v in values.items() if k in train_keys})
     fed = FederatedConfig.from_mapping({k: v for k, v in values.items() if k in fed_keys})
     if sweep.mode == "federated":
+        from simulations.commands import refuse_centralized_only
+
+        refuse_centralized_only(values)
         fed.importance_rounds_for(cfg)
     return cfg, fed
 

@@ -135,6 +135,11 @@ CASES = {
     "simulate: momentum without fedavgm": (["simulate", "--server-momentum", "0.9"], "server-momentum"),
     "simulate: negative local steps": (["simulate", "--local-steps", "-1"], "local-steps"),
     "simulate: bad lr schedule": (["simulate", "--lr-schedule", "warm"], "lr-schedule"),
+    "simulate: a centralized-only setting": (["simulate", "--epochs", "5"], "centralized training only"),
+    "deploy-local: a centralized-only setting": (
+        ["deploy-local", "--silos", "2", "--run-config", "pretrain-fraction=0.2"],
+        "pretrain-fraction",
+    ),
     "simulate: no silos": (["simulate", "--num-supernodes", "0"], "num-supernodes"),
     "simulate: more required than silos": (
         ["simulate", "--num-supernodes", "2", "--min-available-nodes", "5"],
