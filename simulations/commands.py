@@ -95,6 +95,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from simulations.sweep import collect, paired_difference
+
+    rows = collect(args.dir)
+    if not rows:
+        raise UserError(f"no finished runs (summary.json) under {args.dir}")
+    res = paired_difference(rows, by=args.by, a=args.a, b=args.b, pair="seed")
+    if res["pairs"] == 0:
+        raise UserError(f"no pair of runs under {args.dir} differs only in {args.by} ({args.a} vs {args.b})")
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    ci = res.get("ci95")
+    ci_s = f"95% interval [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "one pair: no interval"
+    print(
+        f"{args.a} - {args.b} ({res['metric']}, {res['pairs']} paired runs): "
+        f"{100 * res['mean']:+.2f} points, {ci_s}"
+    )
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace, config_from_args) -> int:
     from simulations.audit import run_audit
 
@@ -117,6 +138,17 @@ def register(sub, add_config_flags, config_from_args) -> None:
     p.add_argument("--group", default="method,dataset,epsilon", help="comma-separated settings to group by")
     p.add_argument("--out", default=None, help="folder for results.csv / results.md (default: DIR)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="paired difference of two values of a setting (e.g. methods) over seeds, with a 95% interval",
+    )
+    p.add_argument("dir")
+    p.add_argument("--by", default="method", help="the setting that differs (default: method)")
+    p.add_argument("--a", default="adadpigu", help="first value (default: adadpigu)")
+    p.add_argument("--b", default="dpsgd", help="second value (default: dpsgd)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "audit", help="one-run canary audit (Steinke, Nasr & Jagielski 2023) of a training run"

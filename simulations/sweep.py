@@ -223,7 +223,15 @@ def table(rows: list[dict], group: list[str]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in group), []).append(r)
-    head = [*group, "runs", "test acc % (best val)", "test acc % (final)", "ε spent", "minutes/run"]
+    head = [
+        *group,
+        "runs",
+        "val acc % (best)",
+        "test acc % (best val)",
+        "test acc % (final)",
+        "ε spent",
+        "minutes/run",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def sort_key(item):
@@ -234,11 +242,48 @@ def table(rows: list[dict], group: list[str]) -> str:
         eps_s = "∞" if all(e is None for e in eps) else _fmt([e for e in eps if e is not None], 1.0, 3)
         lines.append(
             "| " + " | ".join(str(k) for k in key) + f" | {len(runs)} | "
+            f"{_fmt([r.get('best_val_accuracy') for r in runs])} | "
             f"{_fmt([r.get('test_accuracy_best_val') for r in runs])} | "
             f"{_fmt([r.get('test_accuracy_final') for r in runs])} | {eps_s} | "
             f"{_fmt([r.get('seconds') for r in runs], 1 / 60, 1)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]  # fmt: skip
+
+
+def paired_difference(
+    rows: list[dict], *, by: str, a: str, b: str, pair: str = "seed", metric: str = "test_accuracy_best_val"
+) -> dict:
+    """Mean of ``metric``(by=a) - ``metric``(by=b) over runs paired on ``pair`` (same seed,
+    same other settings), with a two-sided 95% t-interval; pairs missing either side are left out."""
+    side: dict[str, dict[tuple, float]] = {a: {}, b: {}}
+    for r in rows:
+        which = str(r.get(by))
+        if which in side and r.get(metric) is not None:
+            key = tuple(sorted((k, str(v)) for k, v in r.items() if k not in _RUN_ONLY and k != by))
+            side[which][key] = float(r[metric])
+    keys = sorted(set(side[a]) & set(side[b]))
+    diffs = [side[a][k] - side[b][k] for k in keys]
+    out = {"pairs": len(diffs), "a": a, "b": b, "metric": metric, "differences": diffs}
+    if len(diffs) >= 2:
+        mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+        half = (_T975[len(diffs) - 2] if len(diffs) - 1 <= len(_T975) else 1.96) * sd / math.sqrt(len(diffs))
+        out.update(mean=mean, ci95=(mean - half, mean + half))
+    elif diffs:
+        out.update(mean=diffs[0], ci95=None)
+    return out
+
+
+# per-run columns that are outcomes, not settings (left out when pairing runs)
+_RUN_ONLY = {
+    "test_accuracy_best_val", "test_accuracy_final", "best_val_accuracy", "epsilon_spent",
+    "rounds_completed", "seconds", "run_dir", "command", "out-dir", "data-dir", "resume",
+}  # fmt: skip
 
 
 def write_tables(rows: list[dict], out_dir: str, group: list[str]) -> tuple[str, str]:

@@ -101,3 +101,21 @@ def test_cells_claimed_by_a_live_process_are_left_to_it_and_stale_claims_taken_o
     assert len(rows) == 1 and os.path.exists(os.path.join(stale, "summary.json"))
     assert not os.path.exists(os.path.join(stale, ".running"))
     assert not os.path.exists(os.path.join(busy, "summary.json"))
+
+
+def test_paired_difference_and_its_95_interval():
+    from simulations.sweep import paired_difference
+
+    def row(method, seed, acc, lr=0.5):
+        return {"method": method, "seed": seed, "lr": lr, "test_accuracy_best_val": acc, "seconds": 1.0}
+
+    rows = [row("adadpigu", s, a) for s, a in enumerate([0.97, 0.98, 0.975])]
+    rows += [row("dpsgd", s, a) for s, a in enumerate([0.96, 0.975, 0.97])]
+    rows += [row("dpsgd", 9, 0.5), row("adadpigu", 0, 0.1, lr=1.0)]  # unpaired: left out
+    res = paired_difference(rows, by="method", a="adadpigu", b="dpsgd")
+    assert res["pairs"] == 3
+    diffs = [0.01, 0.005, 0.005]
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    assert res["mean"] == pytest.approx(mean)
+    assert res["ci95"] == pytest.approx((mean - 4.303 * sd / 3**0.5, mean + 4.303 * sd / 3**0.5))
