@@ -569,3 +569,10 @@ def setting_help(name: str, default: object) -> str:
     """A CLI flag's help line: its meaning (:data:`HELP`) and its default."""
     shown = "not set" if default is None else repr(default)
     return f"{HELP[name]} (default: {shown})"
+
+
+def refuse_centralized_only(values: Mapping[str, Any]) -> None:
+    """A federated run refuses the settings only centralized training reads."""
+    for key in CENTRALIZED_ONLY:
+        if values.get(key) is not None:
+            split_run_config({key: values[key]})  # raises the one error message for it

@@ -12,25 +12,16 @@ import math
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 
-from common.config import TrainConfig, setting_help
+from common.config import TrainConfig
 from common.errors import UserError
+from simulations.flags import add_setting_flags
 
 EXIT_USER_ERROR = 2
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig().to_dict()
-    for f in fields(TrainConfig):
-        key = f.name.replace("_", "-")
-        parser.add_argument(
-            "--" + key,
-            dest=f"cfg_{f.name}",
-            default=None,
-            metavar="VALUE",
-            help=setting_help(key, defaults[key]),
-        )
+    add_setting_flags(parser, TrainConfig, "cfg")
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:

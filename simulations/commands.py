@@ -6,36 +6,20 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import fields
 
-from common.config import CENTRALIZED_ONLY, FederatedConfig, setting_help, split_run_config
+from common.config import CENTRALIZED_ONLY, FederatedConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
+from simulations.flags import add_setting_flags
 from simulations.launcher import simulate
 
 
 def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = FederatedConfig().to_dict()
-    for f in fields(FederatedConfig):
-        key = f.name.replace("_", "-")
-        parser.add_argument(
-            "--" + key,
-            dest=f"fed_{f.name}",
-            default=None,
-            metavar="VALUE",
-            help=setting_help(key, defaults[key]),
-        )
+    add_setting_flags(parser, FederatedConfig, "fed")
 
 
 def _fed_from_args(args: argparse.Namespace) -> FederatedConfig:
     values = {k[len("fed_") :]: v for k, v in vars(args).items() if k.startswith("fed_") and v is not None}
     return FederatedConfig.from_mapping(values)
-
-
-def refuse_centralized_only(values: dict) -> None:
-    """A federated run refuses settings only centralized training reads (common.config)."""
-    for key in CENTRALIZED_ONLY:
-        if values.get(key) is not None:
-            split_run_config({key: values[key]})  # raises the one error message for it
 
 
 def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:

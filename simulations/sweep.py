@@ -36,7 +36,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from common.config import FederatedConfig, TrainConfig
+from common.config import FederatedConfig, TrainConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
 from simulations.deploy import process_alive
 from simulations.results import collect  # noqa: F401  (re-exported for callers)
@@ -114,8 +114,6 @@ def configs_for(sweep: Sweep, cell: dict) -> tuple[TrainConfig, FederatedConfig]
     cfg = TrainConfig.from_mapping({k: v for k, v in values.items() if k in train_keys})
     fed = FederatedConfig.from_mapping({k: v for k, v in values.items() if k in fed_keys})
     if sweep.mode == "federated":
-        from simulations.commands import refuse_centralized_only
-
         refuse_centralized_only(values)
         fed.importance_rounds_for(cfg)
     return cfg, fed
