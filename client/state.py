@@ -21,9 +21,11 @@ from __future__ import annotations
 import glob
 import os
 import re
+from logging import WARNING
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.common import log
 
 from common import protocol as P
 from common.config import TrainConfig
@@ -71,22 +73,48 @@ def restore(context: Context, directory: str | None, pid: int, server_round: int
     files = _files(directory, pid)
     if not files:
         return None
-    latest = torch.load(files[max(files)], map_location="cpu", weights_only=False)
+    try:
+        return _load(context, files, server_round)
+    except Exception as exc:  # unreadable copy: start afresh; the server's ledger still binds
+        log(
+            WARNING, "client state of silo %d in %s cannot be read (%s): starting afresh", pid, directory, exc
+        )
+        return None
+
+
+def _load(context: Context, files: dict[int, str], server_round: int) -> int | None:
+    latest = torch.load(files[max(files)], map_location="cpu", weights_only=True)
     context.state[P.STATE_SPEND] = ConfigRecord(latest["spend"])
     earlier = [r for r in files if r < server_round]
     if not earlier:
         return None
-    saved = torch.load(files[max(earlier)], map_location="cpu", weights_only=False)
+    saved = torch.load(files[max(earlier)], map_location="cpu", weights_only=True)
     for key, tensors in saved["arrays"].items():
         save_arrays(context, key, tensors)
     return max(earlier)
 
 
 def save(context: Context, directory: str | None, pid: int, server_round: int) -> None:
-    """Mark ``context.state`` current for ``server_round`` and write its durable copy."""
+    """Mark ``context.state`` current for ``server_round`` and write its durable copy.
+
+    A silo whose disk cannot take the copy still trains (the in-memory state is complete);
+    it only loses exact continuation after a restart, and says so."""
     context.state[P.STATE_ROUND] = ConfigRecord({"round": server_round})
     if directory is None:
         return
+    try:
+        _write(context, directory, pid, server_round)
+    except OSError as exc:
+        log(
+            WARNING,
+            "client state of silo %d not written to %s (%s): a restart will not continue it",
+            pid,
+            directory,
+            exc,
+        )
+
+
+def _write(context: Context, directory: str, pid: int, server_round: int) -> None:
     os.makedirs(directory, exist_ok=True)
     spend = context.state.get(P.STATE_SPEND)
     blob = {
