@@ -9,7 +9,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from common import protocol as P
 from common.config import FederatedConfig, TrainConfig
-from common.federated import aggregate_sparse, sparse_decode, sparse_encode
 from common.masks import unpack_mask
 from common.models import build_model, flat_parameters, load_flat_parameters
 from common.server_opt import ServerOptimizer
@@ -44,28 +43,6 @@ def make_strategy(method="adadpigu", rounds=3, **cfg_kw):
 
 def by_node(messages):
     return {m.metadata.dst_node_id: m for m in messages}
-
-
-def test_sparse_encoding_round_trip():
-    d = 50
-    mask = torch.arange(d) % 3 == 0
-    delta = torch.randn(d) * mask
-    vals = sparse_encode(delta, mask)
-    assert vals.shape == (int(mask.sum()),) and vals.dtype == np.float32
-    torch.testing.assert_close(sparse_decode(vals, mask, d), delta)
-    torch.testing.assert_close(sparse_decode(sparse_encode(delta, None), None, d), delta)
-
-
-def test_sparse_aggregation_equals_dense_masked_weighted_average():
-    d = 40
-    g = torch.Generator().manual_seed(0)
-    mask = torch.rand(d, generator=g) < 0.5
-    dense = [torch.randn(d, generator=g) * mask for _ in range(3)]
-    w = [1.0, 2.0, 7.0]
-    agg = aggregate_sparse([sparse_encode(x, mask) for x in dense], w, mask, d)
-    expected = sum(wi * x for wi, x in zip(w, dense)) / sum(w)
-    torch.testing.assert_close(agg, expected.float())
-    assert torch.all(agg[~mask] == 0)
 
 
 def test_importance_round_then_sparse_training_round():
