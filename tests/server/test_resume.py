@@ -107,7 +107,7 @@ sys.path.insert(0, {root!r})
 from common.config import FederatedConfig, TrainConfig
 from server.runner import run_federated
 from tests.inprocess import InProcessGrid, small_run_configs
-from tests.test_resume import configs
+from tests.server.test_resume import configs
 import pathlib
 cfg, fed = configs(pathlib.Path({out!r}), {data!r})
 if {resume!r}:
@@ -117,7 +117,7 @@ print(run_federated(InProcessGrid(3), cfg, fed, log_fn=lambda s: None, run_dir={
 
 
 def test_sigkill_mid_run_then_resume_keeps_the_ledger(tmp_path, data_dir):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ref_cfg, ref_fed = configs(tmp_path / "ref", data_dir)
     ref = run_federated(
         InProcessGrid(3), ref_cfg, ref_fed, log_fn=lambda s: None, run_dir=str(tmp_path / "ref" / "run")

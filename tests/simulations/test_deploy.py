@@ -25,7 +25,7 @@ from common.errors import ConfigError, UserError
 from simulations import deploy
 from simulations.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small and fast: 2 silos x 900 examples, RDP calibration (seconds, not tens of seconds).
 SMALL = {

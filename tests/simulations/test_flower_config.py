@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from common.config import CENTRALIZED_ONLY, FederatedConfig, TrainConfig, split_run_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 # pyproject's value differs from the dataclass default only here, and why

@@ -24,7 +24,7 @@ import yaml
 
 from simulations import deploy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FLWR_VERSION = importlib.metadata.version("flwr")
 SUPERLINK_PORT = 8000
 

@@ -68,7 +68,7 @@ def test_bad_sweep_cell_is_refused_before_running(tmp_path, data_dir):
 def test_shipped_sweep_files_are_valid():
     import glob
 
-    files = glob.glob(os.path.join(os.path.dirname(__file__), "..", "simulations", "sweeps", "*.toml"))
+    files = glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "simulations", "sweeps", "*.toml"))
     assert len(files) >= 5
     for path in files:
         sweep = load_sweep(path)  # validates every cell's settings
