@@ -49,35 +49,31 @@ class TensorData:
         return TensorData(self.x.to(device), self.y.to(device))
 
 
-def _torchvision_dataset(name: str, root: str, train: bool, download: bool):
-    import torchvision
+def _read_files(name: str, root: str, train: bool):
+    from common import datafiles
 
-    cls = {
-        "mnist": torchvision.datasets.MNIST,
-        "fashionmnist": torchvision.datasets.FashionMNIST,
-        "cifar10": torchvision.datasets.CIFAR10,
-    }[name]
-    return cls(root, train=train, download=download)
+    folder = os.path.join(root, _FOLDERS[name])
+    if name == "cifar10":
+        return datafiles.read_cifar10(folder, train)
+    return datafiles.read_mnist(folder, name, train)
 
 
 @functools.lru_cache(maxsize=8)
 def load_dataset(name: str, data_dir: str, train: bool) -> TensorData:
-    """Load a whole split into memory (cached per process)."""
+    """Load a whole split into memory (cached per process), reading the files directly
+    (:mod:`common.datafiles`); missing files are downloaded when a network allows."""
+    from common.datafiles import MissingDataError
+
     if name not in _FOLDERS:
         raise DataError(f"unknown dataset '{name}' (known: {', '.join(_FOLDERS)})")
     root = os.path.abspath(os.path.expanduser(data_dir))
     try:
-        ds = _torchvision_dataset(name, root, train, download=False)
-    except RuntimeError:
-        ds = _try_download(name, root, train)
-    except Exception as exc:  # unreadable or corrupt files
-        raise DataError(f"could not read {name} from {os.path.join(root, _FOLDERS[name])}: {exc}") from None
-    try:
-        x = torch.as_tensor(ds.data)
-        y = torch.as_tensor(ds.targets, dtype=torch.long)
-    except Exception as exc:
-        raise DataError(f"{name} files under {root} are corrupt: {exc}") from None
-    x = x.float().div_(255.0)
+        images, labels = _read_files(name, root, train)
+    except MissingDataError as missing:
+        _try_download(name, root, missing)
+        images, labels = _read_files(name, root, train)
+    x = torch.from_numpy(images.copy()).float().div_(255.0)
+    y = torch.from_numpy(labels.copy())
     if x.ndim == 3:  # N, H, W (MNIST family)
         x = x.unsqueeze(1)
     elif x.ndim == 4 and x.shape[-1] == 3:  # N, H, W, C (CIFAR)
@@ -91,19 +87,39 @@ def load_dataset(name: str, data_dir: str, train: bool) -> TensorData:
     return TensorData(x.contiguous(), y)
 
 
-def _try_download(name: str, root: str, train: bool):
+def _try_download(name: str, root: str, missing: Exception) -> None:
+    """torchvision's download into a temporary folder, copied into ``root`` only when whole:
+    a failed download leaves the data folder as it was."""
+    import shutil
+    import tempfile
+
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
+    tmp = tempfile.mkdtemp(prefix="adadpigu-download-")
     try:
-        return _torchvision_dataset(name, root, train, download=True)
+        import torchvision
+
+        cls = {
+            "mnist": torchvision.datasets.MNIST,
+            "fashionmnist": torchvision.datasets.FashionMNIST,
+            "cifar10": torchvision.datasets.CIFAR10,
+        }[name]
+        for train in (True, False):
+            cls(tmp, train=train, download=True)
     except Exception as exc:
         raise DataError(
-            f"{name} is not under {os.path.join(root, _FOLDERS[name])} and could not be "
+            f"{name} is not under {os.path.join(root, _FOLDERS[name])} ({missing}) and could not be "
             f"downloaded ({type(exc).__name__}). Put torchvision's files there (or set "
             "ADADPIGU_DATA_DIR / data-dir to a folder that has them)."
         ) from None
     finally:
         socket.setdefaulttimeout(old)
+    try:
+        shutil.copytree(
+            os.path.join(tmp, _FOLDERS[name]), os.path.join(root, _FOLDERS[name]), dirs_exist_ok=True
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_validation_split(
