@@ -379,7 +379,7 @@ class FederatedConfig:
     ``local_epochs`` epochs of Poisson-sampled steps per round.
     """
 
-    num_server_rounds: int = 100
+    num_server_rounds: int = 60
     importance_rounds: int = 2
     local_epochs: float = 1.0
     local_steps: int = 0  # Poisson steps per round; 0 = round(local_epochs / q)

@@ -15,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DIFFERENT_ON_PURPOSE = {
     "batch-size": "a silo holds ~1/10 of the data: 256 per silo (centralized default 512)",
     "lr": "the federated plan's client lr, chosen on validation (RESULTS §3c); centralized 0.5",
+    "lr-schedule": "the federated plan decays lr by a cosine over its rounds; centralized constant",
     "min-available-nodes": "a deployment waits for two silos before starting",
     "min-train-nodes": "a round needs two valid updates",
 }
