@@ -93,3 +93,16 @@ def test_tables_render_step_and_sim_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"x": 1}]}))
     with pytest.raises(ValueError, match="not a bench"):
         render(str(tmp_path / "bad.json"))
+
+
+def test_bench_client_start_smoke(tmp_path, data_dir):
+    import json
+
+    from benchmarks import bench_client_start
+
+    out = tmp_path / "start.json"
+    assert bench_client_start.main(["--repeats", "1", "--data-dir", data_dir, "--out", str(out)]) == 0
+    rows = json.load(open(out))["rows"]
+    assert [r["variant"] for r in rows] == list(bench_client_start.VARIANTS) and all(
+        r["median_s"] > 0 for r in rows
+    )
