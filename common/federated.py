@@ -21,7 +21,7 @@ from common.accounting import Phase
 from common.config import FederatedConfig, TrainConfig
 from common.data import TensorData, load_dataset, take_subset, train_validation_split
 from common.engine import DPEngine
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,29 @@ def load_silo(
         raise DataError(f"silo {partition_id} has {len(shard)} examples; it needs at least 2")
     train_idx, val_idx = train_validation_split(len(shard), cfg.validation_fraction, seed=partition_id)
     return shard.subset(train_idx), shard.subset(val_idx)
+
+
+def check_silo_plans(
+    cfg: TrainConfig, fed: FederatedConfig, num_partitions: int, *, data_dir: str | None = None
+) -> list[ClientPlan]:
+    """Every silo's plan from the public partition recipe, *before* any process starts: a
+    setting a silo cannot run (a batch larger than the silo, an empty silo) fails here with
+    the same message as on the centralized path, not after the clients have started."""
+    from common.partition import partition_indices
+
+    full = take_subset(load_dataset(cfg.dataset, data_dir or cfg.data_dir, True), cfg.train_subset)
+    plans = []
+    for pid, idx in enumerate(partition_indices(full.y, num_partitions, cfg)):
+        if len(idx) < 2:
+            raise DataError(f"silo {pid} has {len(idx)} examples; it needs at least 2")
+        n_train = len(train_validation_split(len(idx), cfg.validation_fraction, seed=pid)[0])
+        try:
+            plans.append(ClientPlan.for_silo(cfg, fed, n_train))
+        except ConfigError as exc:
+            raise ConfigError(
+                exc.setting, exc.value, f"{exc.allowed} (silo {pid} of {num_partitions} has {n_train})"
+            ) from None
+    return plans
 
 
 # ----- one local round ------------------------------------------------------------------

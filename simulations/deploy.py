@@ -39,6 +39,7 @@ from typing import Any
 
 from common.config import split_run_config
 from common.errors import ConfigError, UserError
+from common.federated import check_silo_plans
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "adadpigu-deploy"
@@ -91,7 +92,9 @@ def _toml_value(key: str, value: Any) -> str:
     raise ConfigError(key, value, "a run-config value must be a bool, int, float or string")
 
 
-def resolve_run_config(overrides: Mapping[str, Any], *, silos: int) -> dict[str, Any]:
+def resolve_run_config(
+    overrides: Mapping[str, Any], *, silos: int, data_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Validate the overrides (keys, types, values) before anything is started.
 
     Returns the overrides with ``out-dir`` made absolute (the ServerApp runs in another
@@ -112,6 +115,8 @@ def resolve_run_config(overrides: Mapping[str, Any], *, silos: int) -> dict[str,
         raise ConfigError(
             "min-available-nodes", need, f"cannot exceed the number of silos ({silos}); lower it or add silos"
         )
+    # every silo can run its plan, before any process starts (on the data the silos will read)
+    check_silo_plans(cfg, fed, silos, data_dir=os.fspath(data_dir) if data_dir else None)
     out = dict(overrides)
     out["out-dir"] = os.path.abspath(str(merged["out-dir"]))
     return out
@@ -432,7 +437,7 @@ def deploy_local(
         raise ConfigError("silos", silos, "must be >= 1")
     if timeout <= 0:
         raise ConfigError("timeout", timeout, "must be > 0")
-    overrides = resolve_run_config(cfg_overrides, silos=silos)
+    overrides = resolve_run_config(cfg_overrides, silos=silos, data_dir=data_dir)
     out_dir = overrides["out-dir"]
 
     # Ports: check by binding before anything is started.

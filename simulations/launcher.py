@@ -7,6 +7,7 @@ import sys
 
 from common.config import FederatedConfig
 from common.errors import ConfigError
+from common.federated import check_silo_plans
 
 
 def simulate(
@@ -28,6 +29,7 @@ def simulate(
     if num_gpus < 0:
         raise ConfigError("num-gpus", num_gpus, "must be >= 0")
     fed.importance_rounds_for(cfg)  # fail before Ray starts
+    check_silo_plans(cfg, fed, num_supernodes)  # every silo can run its plan (same checks as centrally)
     if fed.min_available_nodes > num_supernodes or fed.min_train_nodes > num_supernodes:
         raise ConfigError(
             "min-available-nodes",

@@ -140,6 +140,14 @@ CASES = {
         ["deploy-local", "--silos", "2", "--run-config", "pretrain-fraction=0.2"],
         "pretrain-fraction",
     ),
+    "simulate: batch larger than a silo": (
+        ["simulate", "--num-supernodes", "3", "--train-subset", "600", "--batch-size", "300"],
+        "batch-size",
+    ),
+    "deploy-local: batch larger than a silo": (
+        ["deploy-local", "--silos", "2", "--run-config", "train-subset=400 batch-size=300"],
+        "batch-size",
+    ),
     "simulate: no silos": (["simulate", "--num-supernodes", "0"], "num-supernodes"),
     "simulate: more required than silos": (
         ["simulate", "--num-supernodes", "2", "--min-available-nodes", "5"],
