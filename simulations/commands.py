@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
+import signal
 import sys
+import threading
+import time
 
 from common.config import CENTRALIZED_ONLY, FederatedConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
 from simulations.flags import add_setting_flags
 from simulations.launcher import simulate
+from simulations.processes import kill_descendants
 
 
 def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
@@ -22,11 +28,54 @@ def _fed_from_args(args: argparse.Namespace) -> FederatedConfig:
     return FederatedConfig.from_mapping(values)
 
 
+@contextlib.contextmanager
+def _stop_everything_on_interrupt(grace: float = 10.0):
+    """Ctrl-C / SIGTERM during a simulation: let Flower unwind for ``grace`` seconds, then stop
+    every process this one started (Ray's included) and exit 130, whatever still hangs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def reap_then_exit() -> None:
+        time.sleep(grace)
+        kill_descendants(os.getpid(), grace=2.0)
+        print("adadpigu: error: interrupted (stopped after waiting for Flower)", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        threading.Thread(target=reap_then_exit, daemon=True).start()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
 def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:
     refuse_centralized_only({k: getattr(args, "cfg_" + k.replace("-", "_"), None) for k in CENTRALIZED_ONLY})
     cfg = config_from_args(args)
     fed = _fed_from_args(args)
-    summary = simulate(
+    try:
+        with _stop_everything_on_interrupt():
+            summary = _simulate_from_args(cfg, fed, args)
+    except KeyboardInterrupt:
+        kill_descendants(os.getpid(), grace=2.0)
+        print(
+            "adadpigu: error: interrupted; the run folder (see the [plan] line) resumes with "
+            "--resume <run folder>",
+            file=sys.stderr,
+        )
+        return 130
+    return _report_simulation(summary, args)
+
+
+def _simulate_from_args(cfg, fed: FederatedConfig, args: argparse.Namespace) -> dict | None:
+    return simulate(
         cfg,
         fed,
         num_supernodes=args.num_supernodes,
@@ -35,6 +84,9 @@ def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:
         ray_num_cpus=args.ray_num_cpus,
         command="adadpigu " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
+
+
+def _report_simulation(summary: dict | None, args: argparse.Namespace) -> int:
     if summary is None:
         print("adadpigu: error: the federated run did not complete (see the log above)", file=sys.stderr)
         return 2

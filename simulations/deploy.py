@@ -25,9 +25,7 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,12 +38,20 @@ from typing import Any
 from common.config import split_run_config
 from common.errors import ConfigError, UserError
 from common.federated import check_silo_plans
+from simulations.processes import (  # noqa: F401  (process_alive: re-exported for callers)
+    GRACE_SECONDS,
+    ProcessTracker,
+    _Managed,
+    _signals_ignored,
+    _sigterm_as_interrupt,
+    _strip_ansi,
+    _Terminated,
+    process_alive,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "adadpigu-deploy"
-GRACE_SECONDS = 5.0
 STARTUP_SECONDS = 90.0
-_TAIL_LINES = 6
 
 
 # ----- run config ------------------------------------------------------------------------
@@ -150,171 +156,6 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-# ----- processes ---------------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, start time) of a process from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[19])
-
-
-def process_alive(pid: int, start: int | None = None) -> bool:
-    """Whether the process exists, is not a zombie and (if given) has this start time."""
-    st = _proc_stat(pid)
-    if st is None:
-        if not os.path.isdir("/proc"):  # no procfs (macOS): fall back to signal 0
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        return False
-    return st[0] != "Z" and (start is None or st[2] == start)
-
-
-class _Managed:
-    """A process started in its own session, with its output in a log file."""
-
-    def __init__(
-        self, name: str, argv: list[str], log_path: Path, env: dict[str, str], cwd: str, *, pipe: bool = False
-    ) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.fh = open(log_path, "wb")  # closed in close()
-        self.popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipe else self.fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        self.pid = self.popen.pid
-        st = _proc_stat(self.pid)
-        self.start = st[2] if st else None
-        self.reported_exit = False
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def tail(self, n: int = _TAIL_LINES) -> str:
-        """The last ``n`` non-empty lines of the log, joined into one line."""
-        try:
-            self.fh.flush()
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except (OSError, ValueError):
-            return ""
-        kept = [_strip_ansi(line).strip() for line in lines if line.strip()][-n:]
-        return " | ".join(kept)[-1500:] or "(no output)"
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.fh.close()
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
-class ProcessTracker:
-    """Remembers the processes started and all their descendants, and stops them all."""
-
-    def __init__(self) -> None:
-        self.managed: list[_Managed] = []
-        self.known: dict[int, int] = {}  # pid -> start time (guards against PID reuse)
-        self._own_pgid = os.getpgid(0)
-
-    def add(self, proc: _Managed) -> None:
-        self.managed.append(proc)
-        if proc.start is not None:
-            self.known[proc.pid] = proc.start
-
-    def scan(self) -> None:
-        """Record the descendants of every known process (call while they run)."""
-        if not self.known or not os.path.isdir("/proc"):
-            return
-        children: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            st = _proc_stat(int(entry))
-            if st is not None:
-                children[st[1]].append((int(entry), st[2]))
-        stack = [pid for pid, start in self.known.items() if process_alive(pid, start)]
-        while stack:
-            pid = stack.pop()
-            for child, start in children.get(pid, ()):
-                if child not in self.known:
-                    self.known[child] = start
-                    stack.append(child)
-
-    def descendants(self) -> list[int]:
-        roots = {p.pid for p in self.managed}
-        return sorted(pid for pid in self.known if pid not in roots)
-
-    def _living(self) -> list[tuple[int, int]]:
-        return [(pid, start) for pid, start in self.known.items() if process_alive(pid, start)]
-
-    def _signal_all(self, sig: int) -> None:
-        groups: set[int] = set()
-        for proc in self.managed:
-            if proc.poll() is None:
-                groups.add(proc.pid)  # started with start_new_session: pgid == pid
-        for pid, _ in self._living():
-            with contextlib.suppress(OSError):
-                pgid = os.getpgid(pid)
-                if pgid != self._own_pgid and pgid in self.known:
-                    groups.add(pgid)
-        for pgid in groups:
-            if pgid != self._own_pgid:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, sig)
-        for pid, _ in self._living():
-            if pid != os.getpid():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-
-    def _wait_all(self, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while True:
-            for proc in self.managed:
-                proc.poll()  # reap our own children
-            if not self._living() and all(p.poll() is not None for p in self.managed):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-
-    def stop_all(self, grace: float = GRACE_SECONDS) -> list[int]:
-        """SIGTERM every process group and descendant, SIGKILL what is left after ``grace``.
-
-        Returns the PIDs that were still alive at the end (normally none).
-        """
-        self.scan()
-        if self._living() or any(p.poll() is None for p in self.managed):
-            self._signal_all(signal.SIGTERM)
-            if not self._wait_all(grace):
-                self._signal_all(signal.SIGKILL)
-                self._wait_all(grace)
-        for proc in self.managed:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=1.0)
-            proc.close()
-        return [pid for pid, _ in self._living()]
-
-
 def _flower_bin(name: str) -> str:
     """The Flower executable next to this interpreter (the same venv), else on PATH."""
     candidate = Path(sys.executable).parent / name
@@ -324,39 +165,6 @@ def _flower_bin(name: str) -> str:
     if found is None:
         raise UserError(f"{name} not found: install the project (pip install -e .) in this environment")
     return found
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM received by the launcher: handled like Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _signals_ignored():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # ----- the launcher ------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 
 from common.config import FederatedConfig, TrainConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
-from simulations.deploy import process_alive
+from simulations.processes import process_alive
 from simulations.results import collect  # noqa: F401  (re-exported for callers)
 
 
