@@ -32,6 +32,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,20 @@ def _trim_work(work: Path, *, remove_home: bool) -> None:
         shutil.rmtree(work / "flwr-home", ignore_errors=True)
 
 
+@dataclass
+class _Workspace:
+    """The temporary folder of one deploy-local run: logs, FLWR_HOME, the run config, env."""
+
+    work: Path
+    logs: Path
+    home: Path
+    run_config_file: Path
+    env: dict[str, str]
+    tls: dict[str, str]
+    superlink_security: list[str]
+    supernode_security: list[str]
+
+
 def deploy_local(
     cfg_overrides: Mapping[str, Any],
     *,
@@ -241,14 +256,90 @@ def deploy_local(
     Raises :class:`UserError` on a taken port, a process dying during start-up, the
     SuperLink dying during the run, or the timeout.
     """
+    # 1. check everything that can be checked before a process starts
     if silos < 1:
         raise ConfigError("silos", silos, "must be >= 1")
     if timeout <= 0:
         raise ConfigError("timeout", timeout, "must be > 0")
     overrides = resolve_run_config(cfg_overrides, silos=silos, data_dir=data_dir)
-    out_dir = overrides["out-dir"]
+    superlink_port, node_ports = _plan_ports(host, superlink_port, base_supernode_port, silos)
+    tls = _tls_files(certs_dir)
+    t0, t_wall = time.monotonic(), time.time()
+    deadline = t0 + timeout
+    ws = _workspace(overrides, host, superlink_port, tls, data_dir, flwr_home)
 
-    # Ports: check by binding before anything is started.
+    # 2. start, watch, stop
+    tracker = ProcessTracker()
+    pids: dict[str, int] = {}
+    output: collections.deque[str] = collections.deque(maxlen=400)
+    errors: list[str] = []
+    rc: int | None = None
+    ok = interrupted = False
+
+    def start(name: str, argv: list[str], *, pipe: bool = False) -> _Managed:
+        proc = _Managed(name, argv, ws.logs / f"{name}.log", ws.env, os.getcwd(), pipe=pipe)
+        tracker.add(proc)
+        pids[name] = proc.pid
+        return proc
+
+    try:
+        with _sigterm_as_interrupt():
+            log(
+                f"[deploy] SuperLink on {host}:{superlink_port} ({'TLS' if tls else 'insecure'}), "
+                f"{silos} SuperNodes on ports {node_ports}"
+            )
+            superlink, nodes = _start_topology(start, ws, host, superlink_port, node_ports, t0, deadline)
+            tracker.scan()
+            log(
+                "[deploy] started "
+                + ", ".join(f"{name} (pid {pid})" for name, pid in pids.items())
+                + f" in {time.monotonic() - t0:.1f}s; submitting the run"
+            )
+            runner = start(
+                "flwr-run",
+                [_flower_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream"]
+                + ["--run-config", str(ws.run_config_file)],
+                pipe=True,
+            )
+            if on_started is not None:
+                on_started(dict(pids))
+            rc = _watch_run(
+                runner, superlink, nodes, tracker, output, errors, log, deadline, timeout, ws.logs
+            )
+            ok = True
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
+            left = tracker.stop_all(grace)
+            if interrupted:
+                shutil.rmtree(ws.work, ignore_errors=True)
+            elif not ok:  # keep the logs of a failed run (its message names them), not the state
+                _trim_work(ws.work, remove_home=flwr_home is None)
+        if left:
+            log(f"[deploy] warning: processes still alive after SIGKILL: {left}")
+
+    # 3. what the run left
+    run_dir, summary, logs_dir = _collect(overrides["out-dir"], output, t_wall, ok, ws, flwr_home)
+    return {
+        "returncode": rc,
+        "run_dir": run_dir,
+        "summary": summary,
+        "errors": errors,
+        "pids": pids,
+        "descendant_pids": tracker.descendants(),
+        "superlink_address": f"{host}:{superlink_port}",
+        "supernode_ports": node_ports,
+        "seconds": time.monotonic() - t0,
+        "logs": logs_dir,
+    }
+
+
+def _plan_ports(
+    host: str, superlink_port: int, base_supernode_port: int, silos: int
+) -> tuple[int, list[int]]:
+    """The SuperLink's and the SuperNodes' ports, each checked free by binding (0 = pick one)."""
     superlink_port = superlink_port or free_port(host)
     check_port_free(host, superlink_port, "SuperLink")
     if base_supernode_port:
@@ -263,7 +354,10 @@ def deploy_local(
         raise UserError(f"the SuperLink port {superlink_port} collides with the SuperNode ports {node_ports}")
     for i, p in enumerate(node_ports):
         check_port_free(host, p, f"SuperNode {i}")
+    return superlink_port, node_ports
 
+
+def _tls_files(certs_dir: str | os.PathLike | None) -> dict[str, str]:
     tls: dict[str, str] = {}
     if certs_dir is not None:
         for name in ("ca.crt", "server.pem", "server.key"):
@@ -271,10 +365,17 @@ def deploy_local(
             if not path.is_file():
                 raise UserError(f"TLS: {path} not found; create the certificates with deploy/gen_certs.sh")
             tls[name] = str(path)
+    return tls
 
-    t0 = time.monotonic()
-    deadline = t0 + timeout
-    t_wall = time.time()
+
+def _workspace(
+    overrides: Mapping[str, Any],
+    host: str,
+    superlink_port: int,
+    tls: dict[str, str],
+    data_dir: str | os.PathLike | None,
+    flwr_home: str | os.PathLike | None,
+) -> _Workspace:
     work = Path(tempfile.mkdtemp(prefix="adadpigu-deploy-"))
     logs = work / "logs"
     logs.mkdir()
@@ -285,189 +386,165 @@ def deploy_local(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "{host}:{superlink_port}"\n' + security
     )
-    superlink_security = (
-        ["--ssl-ca-certfile", tls["ca.crt"], "--ssl-certfile", tls["server.pem"]]
-        + ["--ssl-keyfile", tls["server.key"]]
-        if tls
-        else ["--insecure"]
-    )
-    supernode_security = ["--root-certificates", tls["ca.crt"]] if tls else ["--insecure"]
     run_config_file = work / "run-config.toml"
     run_config_file.write_text("".join(f"{k} = {_toml_value(k, v)}\n" for k, v in overrides.items()))
-
-    bindir = str(Path(sys.executable).parent)
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_DISABLE_UPDATE_CHECK="1",
         PYTHONUNBUFFERED="1",
-        PATH=bindir + os.pathsep + env.get("PATH", ""),
+        PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
     )
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if data_dir is not None:
         env["ADADPIGU_DATA_DIR"] = os.path.abspath(os.fspath(data_dir))
-    cwd = os.getcwd()
+    return _Workspace(
+        work,
+        logs,
+        home,
+        run_config_file,
+        env,
+        tls,
+        superlink_security=(
+            ["--ssl-ca-certfile", tls["ca.crt"], "--ssl-certfile", tls["server.pem"]]
+            + ["--ssl-keyfile", tls["server.key"]]
+            if tls
+            else ["--insecure"]
+        ),
+        supernode_security=["--root-certificates", tls["ca.crt"]] if tls else ["--insecure"],
+    )
 
-    tracker = ProcessTracker()
-    pids: dict[str, int] = {}
-    output: collections.deque[str] = collections.deque(maxlen=400)
-    errors: list[str] = []
-    rc: int | None = None
-    ok = interrupted = False
 
-    def start(name: str, argv: list[str], *, pipe: bool = False) -> _Managed:
-        proc = _Managed(name, argv, logs / f"{name}.log", env, cwd, pipe=pipe)
-        tracker.add(proc)
-        pids[name] = proc.pid
-        return proc
+def _start_topology(
+    start: Callable[..., _Managed],
+    ws: _Workspace,
+    host: str,
+    superlink_port: int,
+    node_ports: list[int],
+    t0: float,
+    deadline: float,
+) -> tuple[_Managed, list[_Managed]]:
+    """The SuperLink, then one SuperNode per silo, each waited for until it listens."""
+    superlink = start(
+        "superlink",
+        [
+            _flower_bin("flower-superlink"),
+            *ws.superlink_security,
+            "--disable-runtime-dependency-installation",
+            "--host",
+            host,
+            "--port",
+            str(superlink_port),
+            "--database",
+            str(ws.work / "state.db"),
+        ],
+    )
+    _wait_ready(superlink, host, superlink_port, min(deadline, t0 + STARTUP_SECONDS), "flower-superlink")
+    silos = len(node_ports)
+    nodes = [
+        start(
+            f"supernode-{i}",
+            [
+                _flower_bin("flower-supernode"),
+                *ws.supernode_security,
+                "--superlink",
+                f"{host}:{superlink_port}",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--node-config",
+                f"partition-id={i} num-partitions={silos}",
+            ],
+        )
+        for i, port in enumerate(node_ports)
+    ]
+    startup_deadline = min(deadline, time.monotonic() + STARTUP_SECONDS)
+    for node, port in zip(nodes, node_ports):
+        _wait_ready(node, host, port, startup_deadline, f"flower-supernode {node.name}")
+    return superlink, nodes
 
-    try:
-        with _sigterm_as_interrupt():
-            log(
-                f"[deploy] SuperLink on {host}:{superlink_port} ({'TLS' if tls else 'insecure'}), "
-                f"{silos} SuperNodes on ports {node_ports}"
-            )
-            superlink = start(
-                "superlink",
-                [
-                    _flower_bin("flower-superlink"),
-                    *superlink_security,
-                    "--disable-runtime-dependency-installation",
-                    "--host",
-                    host,
-                    "--port",
-                    str(superlink_port),
-                    "--database",
-                    str(work / "state.db"),
-                ],
-            )
-            _wait_ready(
-                superlink, host, superlink_port, min(deadline, t0 + STARTUP_SECONDS), "flower-superlink"
-            )
-            nodes: list[_Managed] = []
-            for i, port in enumerate(node_ports):
-                nodes.append(
-                    start(
-                        f"supernode-{i}",
-                        [
-                            _flower_bin("flower-supernode"),
-                            *supernode_security,
-                            "--superlink",
-                            f"{host}:{superlink_port}",
-                            "--host",
-                            host,
-                            "--port",
-                            str(port),
-                            "--node-config",
-                            f"partition-id={i} num-partitions={silos}",
-                        ],
-                    )
-                )
-            startup_deadline = min(deadline, time.monotonic() + STARTUP_SECONDS)
-            for node, port in zip(nodes, node_ports):
-                _wait_ready(node, host, port, startup_deadline, f"flower-supernode {node.name}")
-            tracker.scan()
-            log(
-                "[deploy] started "
-                + ", ".join(f"{name} (pid {pid})" for name, pid in pids.items())
-                + f" in {time.monotonic() - t0:.1f}s; submitting the run"
-            )
 
-            runner = start(
-                "flwr-run",
-                [_flower_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream"]
-                + ["--run-config", str(run_config_file)],
-                pipe=True,
-            )
-            flwr_run = runner.popen
-            if on_started is not None:
-                on_started(dict(pids))
-
-            lines: queue.Queue = queue.Queue()
-            reader = threading.Thread(target=_reader, args=(flwr_run.stdout, lines), daemon=True)
-            reader.start()
-            eof = False
-            last_scan = 0.0
+def _watch_run(
+    runner: _Managed,
+    superlink: _Managed,
+    nodes: list[_Managed],
+    tracker: ProcessTracker,
+    output: collections.deque,
+    errors: list[str],
+    log: Callable[[str], None],
+    deadline: float,
+    timeout: float,
+    logs: Path,
+) -> int:
+    """Stream ``flwr run``'s output until it exits (its return code); stop on the timeout or a
+    dead SuperLink; report SuperNodes that exit (the run goes on without them)."""
+    flwr_run = runner.popen
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(flwr_run.stdout, lines), daemon=True).start()
+    eof = False
+    last_scan = 0.0
+    while True:
+        batch: list[str | None] = []
+        with contextlib.suppress(queue.Empty):
+            batch.append(lines.get(timeout=0.5))
             while True:
-                batch: list[str | None] = []
-                with contextlib.suppress(queue.Empty):
-                    batch.append(lines.get(timeout=0.5))
-                    while True:
-                        batch.append(lines.get_nowait())
-                for line in batch:
-                    if line is None:
-                        eof = True
-                        continue
-                    runner.fh.write((line + "\n").encode())
-                    line = _strip_ansi(line)
-                    output.append(line)
-                    if "adadpigu: error" in line:
-                        errors.append(line.strip())
-                    log(line)
-                runner.fh.flush()
-                if eof and flwr_run.poll() is not None:
-                    rc = flwr_run.returncode
-                    break
-                now = time.monotonic()
-                if now > deadline:
-                    raise UserError(
-                        f"the run did not finish within {timeout:g}s; all processes were stopped (logs: {logs})"
-                    )
-                if superlink.poll() is not None:
-                    raise UserError(
-                        f"flower-superlink (pid {superlink.pid}) exited with code {superlink.poll()} "
-                        f"during the run: {superlink.tail()} (logs: {logs})"
-                    )
-                for node in nodes:
-                    if node.poll() is not None and not node.reported_exit:
-                        node.reported_exit = True
-                        log(
-                            f"[deploy] {node.name} (pid {node.pid}) exited with code {node.poll()}; "
-                            "the run continues with the remaining silos"
-                        )
-                if now - last_scan > 1.0:
-                    tracker.scan()
-                    last_scan = now
-            ok = True
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
-            left = tracker.stop_all(grace)
-            if interrupted:
-                shutil.rmtree(work, ignore_errors=True)
-            elif not ok:  # keep the logs of a failed run (its message names them), not the state
-                _trim_work(work, remove_home=flwr_home is None)
-        if left:
-            log(f"[deploy] warning: processes still alive after SIGKILL: {left}")
+                batch.append(lines.get_nowait())
+        for line in batch:
+            if line is None:
+                eof = True
+                continue
+            runner.fh.write((line + "\n").encode())
+            line = _strip_ansi(line)
+            output.append(line)
+            if "adadpigu: error" in line:
+                errors.append(line.strip())
+            log(line)
+        runner.fh.flush()
+        if eof and flwr_run.poll() is not None:
+            return flwr_run.returncode
+        now = time.monotonic()
+        if now > deadline:
+            raise UserError(
+                f"the run did not finish within {timeout:g}s; all processes were stopped (logs: {logs})"
+            )
+        if superlink.poll() is not None:
+            raise UserError(
+                f"flower-superlink (pid {superlink.pid}) exited with code {superlink.poll()} "
+                f"during the run: {superlink.tail()} (logs: {logs})"
+            )
+        for node in nodes:
+            if node.poll() is not None and not node.reported_exit:
+                node.reported_exit = True
+                log(
+                    f"[deploy] {node.name} (pid {node.pid}) exited with code {node.poll()}; "
+                    "the run continues with the remaining silos"
+                )
+        if now - last_scan > 1.0:
+            tracker.scan()
+            last_scan = now
 
+
+def _collect(
+    out_dir: str, output: Iterable[str], t_wall: float, ok: bool, ws: _Workspace, flwr_home
+) -> tuple[str | None, dict | None, str]:
+    """(run folder, its summary.json, where the logs are): a finished run keeps its process
+    logs in ``<run folder>/deploy-logs``; the temporary folder goes."""
     run_dir = _find_run_dir(out_dir, output, t_wall)
     summary = None
     if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as fh:
             summary = json.load(fh)
-    logs_dir = str(logs)
+    logs_dir = str(ws.logs)
     if ok and run_dir:
         dest = Path(run_dir) / "deploy-logs"
-        shutil.copytree(logs, dest, dirs_exist_ok=True)
+        shutil.copytree(ws.logs, dest, dirs_exist_ok=True)
         logs_dir = str(dest)
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ws.work, ignore_errors=True)
     else:
-        _trim_work(work, remove_home=flwr_home is None)
-    return {
-        "returncode": rc,
-        "run_dir": run_dir,
-        "summary": summary,
-        "errors": errors,
-        "pids": pids,
-        "descendant_pids": tracker.descendants(),
-        "superlink_address": f"{host}:{superlink_port}",
-        "supernode_ports": node_ports,
-        "seconds": time.monotonic() - t0,
-        "logs": logs_dir,
-    }
+        _trim_work(ws.work, remove_home=flwr_home is None)
+    return run_dir, summary, logs_dir
 
 
 # ----- CLI ---------------------------------------------------------------------------------
