@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from common.config import ACCOUNTANTS
 from common.errors import BudgetError, ConfigError
 
-ACCOUNTANTS = ("pld", "rdp")
 MAX_NOISE_MULTIPLIER = 1e3
 # Below this noise multiplier a PLD grows to GBs and minutes (sigma 0.1: 1.8 GB, 30 s; 0.05:
 # 6.8 GB, 100 s) while epsilon is already > ~50. There the RDP epsilon is used instead: an

@@ -13,7 +13,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from common.config import TrainConfig
+from common.config import ACCOUNTANTS, TrainConfig
 from common.errors import UserError
 from simulations.flags import add_setting_flags
 
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5, help="delta in (0, 1) (default 1e-5)")
     p.add_argument(
         "--accountant",
-        choices=("pld", "rdp"),
+        choices=ACCOUNTANTS,
         default="pld",
         help="pld (default; below sigma 0.3 the RDP upper bound is used) or rdp",
     )
