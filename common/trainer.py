@@ -14,8 +14,6 @@ Model selection uses the validation split; the test set is evaluated for reporti
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import math
 import os
 import sys
@@ -33,6 +31,7 @@ from common.engine import DPEngine, evaluate, make_generator, resolve_device, st
 from common.errors import BudgetError
 from common.masks import MaskBuilder, UnfreezeSchedule
 from common.models import ParameterEMA, build_model_for, flat_parameters, num_parameters
+from common.outputs import reproduce_command, run_dir_name, write_csv, write_json_atomic
 from common.server_opt import lr_factor
 
 
@@ -109,45 +108,6 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
             "unset to calibrate it"
         )
     return Plan(n_train, q, q * n_train, steps_per_epoch, total, t_pre, sigma, sigma_pre, eps)
-
-
-def run_dir_name(cfg: TrainConfig, prefix: str = "central") -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    eps = (
-        "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
-    )
-    return f"{stamp}-{prefix}-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}"
-
-
-def write_json_atomic(path: str, obj: object) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def reproduce_command(cfg: TrainConfig, subcommand: str = "train") -> str:
-    defaults = TrainConfig().to_dict()
-    args = []
-    for k, v in cfg.to_dict().items():
-        if k in ("data-dir", "out-dir") or v == defaults.get(k):
-            continue
-        args.append(f"--{k} {'none' if v is None else v}")
-    return f"adadpigu {subcommand} " + " ".join(args)
 
 
 def splits_for(cfg: TrainConfig) -> Splits:

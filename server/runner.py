@@ -28,7 +28,7 @@ from common.data import TensorData, load_dataset, take_subset
 from common.engine import evaluate
 from common.errors import BudgetError, UserError
 from common.models import build_model_for
-from common.trainer import reproduce_command, write_csv, write_json_atomic
+from common.outputs import federated_command, run_dir_name, save_checkpoint, write_csv, write_json_atomic
 from server.ledger import PrivacyLedger
 from server.strategy import AdaDPIGUStrategy, RoundError
 
@@ -51,11 +51,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def fed_run_dir(cfg: TrainConfig, fed: FederatedConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    eps = (
-        "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
-    )
-    return os.path.join(cfg.out_dir, f"{stamp}-fed-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}")
+    return os.path.join(cfg.out_dir, run_dir_name(cfg, "fed"))
 
 
 _NOT_RESULT_CHANGING = {"out-dir", "data-dir", "device", "resume", "round-timeout", "startup-timeout"}
@@ -65,13 +61,6 @@ def config_fingerprint(cfg: TrainConfig, fed: FederatedConfig) -> dict:
     """The settings a resumed run must share with the run it continues."""
     merged = {**cfg.to_dict(), **fed.to_dict()}
     return {k: v for k, v in merged.items() if k not in _NOT_RESULT_CHANGING}
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: write then rename, so a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(run_dir: str, cfg: TrainConfig, fed: FederatedConfig) -> tuple[dict, PrivacyLedger]:
@@ -443,17 +432,6 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
         f"{summary['max_epsilon']}; {run.run_dir}"
     )
     return summary
-
-
-def federated_command(cfg: TrainConfig, fed: FederatedConfig) -> str:
-    """``flwr run`` command that reproduces the run (settings that differ from defaults)."""
-    defaults = {**TrainConfig().to_dict(), **FederatedConfig().to_dict()}
-    pairs = []
-    for k, v in {**cfg.to_dict(), **fed.to_dict()}.items():
-        if k in ("data-dir", "out-dir") or v == defaults.get(k) or v is None:
-            continue
-        pairs.append(f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}")
-    return f"flwr run . --run-config '{' '.join(pairs)}'  # or: " + reproduce_command(cfg, "simulate")
 
 
 __all__ = ["run_federated", "federated_command", "UserError"]

@@ -1,0 +1,78 @@
+"""Run folders and what is written into them, in one place: the folder's name, atomic JSON /
+CSV / checkpoint writes (a crash never leaves a half-written file), and the command that
+reproduces a run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import torch
+
+from common.config import FederatedConfig, TrainConfig
+
+
+def run_dir_name(cfg: TrainConfig, kind: str = "central") -> str:
+    """``<time>-<kind>-<method>-<dataset>-eps<ε>-<settings hash>`` (kind: central, fed)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    eps = (
+        "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
+    )
+    return f"{stamp}-{kind}-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}"
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: write then rename, so a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _changed(values: dict, defaults: dict) -> dict:
+    """The settings that differ from their defaults (paths left out: they are the machine's)."""
+    return {k: v for k, v in values.items() if k not in ("data-dir", "out-dir") and v != defaults.get(k)}
+
+
+def reproduce_command(cfg: TrainConfig, subcommand: str = "train", fed: FederatedConfig | None = None) -> str:
+    """``adadpigu <subcommand> --key value ...`` for the settings that differ from the defaults."""
+    values = {**cfg.to_dict(), **(fed.to_dict() if fed else {})}
+    defaults = {**TrainConfig().to_dict(), **(FederatedConfig().to_dict() if fed else {})}
+    changed = _changed(values, defaults)
+    return f"adadpigu {subcommand} " + " ".join(
+        f"--{k} {'none' if v is None else v}" for k, v in changed.items()
+    )
+
+
+def federated_command(cfg: TrainConfig, fed: FederatedConfig) -> str:
+    """``flwr run`` command that reproduces a federated run (settings that differ from defaults)."""
+    defaults = {**TrainConfig().to_dict(), **FederatedConfig().to_dict()}
+    changed = _changed({**cfg.to_dict(), **fed.to_dict()}, defaults)
+    pairs = [
+        f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}"
+        for k, v in changed.items()
+        if v is not None
+    ]
+    return f"flwr run . --run-config '{' '.join(pairs)}'  # or: " + reproduce_command(cfg, "simulate", fed)
