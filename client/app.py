@@ -18,6 +18,7 @@ Where state lives:
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch  # noqa: F401  (must be imported before ArrayRecord torch conversions in Ray actors)
@@ -32,8 +33,13 @@ app = ClientApp()
 
 
 def _train_config(msg: Message) -> TrainConfig:
-    cfg = msg.content[P.CONFIG]
-    return TrainConfig.from_mapping(json.loads(str(cfg[P.TRAIN_CONFIG])))
+    return _parse_train_config(str(msg.content[P.CONFIG][P.TRAIN_CONFIG]))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_train_config(text: str) -> TrainConfig:
+    """The run's settings, parsed and validated once per process and run (not per message)."""
+    return TrainConfig.from_mapping(json.loads(text))
 
 
 @app.query()
