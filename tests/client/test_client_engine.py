@@ -99,7 +99,7 @@ def test_which_data_a_silo_reads_follows_one_rule(monkeypatch, tmp_path):
     assert task.data_dir_for(cfg, ctx(node="/silo/own", run="/flag/data")) == "/silo/own"
 
 
-def test_simulate_makes_every_worker_read_the_runs_data(monkeypatch, tmp_path):
+def test_simulate_makes_every_worker_read_the_runs_data(monkeypatch, data_dir):
     import flwr.simulation
 
     from simulations import launcher
@@ -107,6 +107,6 @@ def test_simulate_makes_every_worker_read_the_runs_data(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setenv("ADADPIGU_DATA_DIR", "/somewhere/else")
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: seen.update(os.environ))
-    cfg = TrainConfig(method="dpsgd", data_dir=str(tmp_path))
+    cfg = TrainConfig(method="dpsgd", data_dir=data_dir)
     launcher.simulate(cfg, launcher.FederatedConfig(), num_supernodes=2)
-    assert seen["ADADPIGU_DATA_DIR"] == str(tmp_path)
+    assert seen["ADADPIGU_DATA_DIR"] == os.path.abspath(data_dir)
