@@ -26,7 +26,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-METHODS = ("nonprivate", "dpsgd", "adadpigu", "opacus")
+# "api": the documented functional API (per_sample_grads + privatize_step on a flat [B, d]
+# matrix, then an SGD step), DP-SGD like "dpsgd"
+METHODS = ("nonprivate", "dpsgd", "adadpigu", "opacus", "api")
 MODELS = {"mnist-cnn": "mnist", "cifar-cnn": "cifar10", "resnet18-gn": "cifar10"}
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -75,6 +77,8 @@ def make_step(method: str, model_name: str, batch: int, device: torch.device, ch
                 opt.step()
 
         return step
+    if method == "api":
+        return _api_step(model, x, y, batch, chunk, device)
     cfg = TrainConfig(
         method=method if method != "adadpigu" else "adadpigu",
         epsilon=None if method != "nonprivate" else 8.0,
@@ -109,6 +113,39 @@ def make_step(method: str, model_name: str, batch: int, device: torch.device, ch
         engine._apply(released)
 
     return adaptive
+
+
+def _api_step(model, x, y, batch: int, chunk: int, device: torch.device):
+    """One DP-SGD step through the public functions only (what a user of the API writes)."""
+    from common.engine import make_generator, per_example_loss
+    from common.per_sample import per_sample_grads
+    from common.privacy import privatize_step
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    gen = make_generator(0, "n", device=device)
+
+    def step() -> None:
+        rows = []
+        for i in range(0, batch, chunk):
+            g = per_sample_grads(model, per_example_loss, x[i : i + chunk], y[i : i + chunk])
+            rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1))
+        released = privatize_step(
+            torch.cat(rows),
+            mask=None,
+            center=None,
+            scale=None,
+            clip_norm=0.1,
+            noise_multiplier=1.0,
+            expected_batch_size=batch,
+            generator=gen,
+        )
+        for p, v in zip(params, torch.split(released, [p.numel() for p in params])):
+            p.grad = v.view_as(p)
+        opt.step()
+
+    return step
 
 
 def measure(

@@ -1,7 +1,8 @@
 """Per-sample gradients: a torch.func reference and a fast hook-based sampler.
 
-- :func:`per_sample_grads` (``torch.func``: ``functional_call`` + ``vmap(grad(...))``) is
-  the public, side-effect-free function: works for any differentiable model.
+- :func:`per_sample_grads` is the public function: the native sampler below where the
+  model allows (the engine's speed), else ``torch.func`` (``functional_call`` +
+  ``vmap(grad(...))``), which works for any differentiable model.
 - :class:`NativeGradSampler` (backend ``native``, the default through ``auto`` for
   models made of ``Linear``, ``Conv2d`` and ``GroupNorm``): forward hooks keep each
   layer's input and output; one ``torch.autograd.grad`` call asks for the gradients of
@@ -20,6 +21,7 @@ Timings: ``benchmarks/bench_step.py`` and docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -36,13 +38,53 @@ def _per_example_loss(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Ten
 
 
 def per_sample_grads(
-    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Gradients of each example's loss: ``{name: [B, *param.shape]}``.
 
     ``loss_fn(outputs, targets)`` returns per-example losses ``[B]`` (e.g.
     ``F.cross_entropy(..., reduction="none")``) or their mean.
+
+    ``backend``: ``auto`` (default) takes the engine's fast path, :class:`NativeGradSampler`,
+    when every trainable layer is a ``Linear``, ``Conv2d`` or ``GroupNorm`` (it keeps passive
+    forward hooks on those layers, which record nothing outside this call), else
+    ``torch.func``; ``native`` or ``functorch`` force one. The returned tensors are the
+    caller's own (copied out of the sampler's scratch space).
     """
+    if backend not in ("auto", "native", "functorch"):
+        raise ValueError(f"unknown backend '{backend}' (auto, native, functorch)")
+    sampler = None if backend == "functorch" else _native_sampler(model, required=backend == "native")
+    if sampler is None:
+        return _functorch_grads(model, loss_fn, inputs, targets)
+    grads, _ = sampler(loss_fn, inputs, targets)
+    b = inputs.shape[0]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return {n: g.reshape(b, *p.shape).clone() for (n, p), g in zip(named, grads)}
+
+
+_NATIVE_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _native_sampler(model: nn.Module, *, required: bool) -> NativeGradSampler | None:
+    """The model's native sampler, built once per model (None: not supported, and not required)."""
+    if model not in _NATIVE_SAMPLERS:
+        try:
+            _NATIVE_SAMPLERS[model] = NativeGradSampler(model)
+        except UnsupportedLayer:
+            if required:
+                raise
+            _NATIVE_SAMPLERS[model] = None
+    return _NATIVE_SAMPLERS[model]
+
+
+def _functorch_grads(
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+) -> dict[str, torch.Tensor]:
     from torch.func import functional_call, grad, vmap
 
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -104,7 +146,7 @@ class FuncGradSampler:
         self, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[list[torch.Tensor], float]:
         b = inputs.shape[0]
-        grads = per_sample_grads(self.model, loss_fn, inputs, targets)
+        grads = per_sample_grads(self.model, loss_fn, inputs, targets, backend="functorch")
         with torch.no_grad():
             loss = loss_fn(self.model(inputs), targets)
         mean_loss = float(loss.mean()) if loss.ndim else float(loss)

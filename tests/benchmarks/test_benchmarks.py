@@ -18,7 +18,7 @@ def test_bench_step_smoke_produces_every_row():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert {r["method"] for r in rows} == {"nonprivate", "dpsgd", "adadpigu", "opacus"}
+    assert {r["method"] for r in rows} == {"nonprivate", "dpsgd", "adadpigu", "opacus", "api"}
     for r in rows:
         for key in (
             "model",

@@ -95,7 +95,7 @@ CASES = list(_cases())
 def test_functorch_matches_loop(name, model, x):
     y = torch.arange(x.shape[0]) % 5
     ref = loop_reference(model, x, y)
-    got = per_sample_grads(model, loss_fn, x, y)
+    got = per_sample_grads(model, loss_fn, x, y, backend="functorch")
     assert set(got) == set(ref)
     for n in ref:
         assert got[n].shape == (x.shape[0], *dict(model.named_parameters())[n].shape)
@@ -198,3 +198,35 @@ def test_native_hooks_are_silent_outside_a_call():
     with torch.no_grad():
         model(torch.randn(2, 1, 28, 28))  # evaluation: nothing recorded
     assert not sampler._outputs
+
+
+def test_public_api_takes_the_engines_fast_path_with_the_same_numbers():
+    """per_sample_grads + privatize_step (the documented functional API) give what the
+    engine releases for the same batch, through the same native sampler."""
+    from common.config import TrainConfig
+    from common.data import TensorData
+    from common.engine import DPEngine
+    from common.privacy import privatize_step
+
+    torch.manual_seed(0)
+    model = build_model("mnist-cnn", "mnist")
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    fast = per_sample_grads(model, loss_fn, x, y)
+    ref = per_sample_grads(model, loss_fn, x, y, backend="functorch")
+    from common.per_sample import _NATIVE_SAMPLERS
+
+    assert _NATIVE_SAMPLERS.get(model) is not None  # the native sampler served the call
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-4)
+    flat = torch.cat([fast[n].reshape(16, -1) for n, _ in model.named_parameters()], dim=1)
+    released = privatize_step(
+        flat, mask=None, center=None, scale=None, clip_norm=0.1, noise_multiplier=0.0,
+        expected_batch_size=16.0, generator=None,
+    )  # fmt: skip
+    cfg = TrainConfig(method="dpsgd", epsilon=8.0, batch_size=16, max_physical_batch=64)
+    eng = DPEngine(
+        model, cfg, n_train=16, device=torch.device("cpu"),
+        noise_generator=torch.Generator(), sampling_generator=torch.Generator(),
+    )  # fmt: skip
+    rel, _, _ = eng._private_release(TensorData(x, y), torch.arange(16), "flat", 0.0)
+    torch.testing.assert_close(released, rel.values, atol=1e-7, rtol=1e-5)
