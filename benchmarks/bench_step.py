@@ -118,21 +118,21 @@ def make_step(method: str, model_name: str, batch: int, device: torch.device, ch
 def _api_step(model, x, y, batch: int, chunk: int, device: torch.device):
     """One DP-SGD step through the public functions only (what a user of the API writes)."""
     from common.engine import make_generator, per_example_loss
-    from common.per_sample import per_sample_grads
+    from common.per_sample import per_sample_grad_matrix
     from common.privacy import privatize_step
 
     params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     gen = make_generator(0, "n", device=device)
 
     def step() -> None:
-        rows = []
-        for i in range(0, batch, chunk):
-            g = per_sample_grads(model, per_example_loss, x[i : i + chunk], y[i : i + chunk])
-            rows.append(torch.cat([g[n].reshape(g[n].shape[0], -1) for n in names], dim=1))
+        rows = [
+            per_sample_grad_matrix(model, per_example_loss, x[i : i + chunk], y[i : i + chunk])
+            for i in range(0, batch, chunk)
+        ]
         released = privatize_step(
-            torch.cat(rows),
+            rows[0] if len(rows) == 1 else torch.cat(rows),
+            consume=True,
             mask=None,
             center=None,
             scale=None,

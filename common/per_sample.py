@@ -67,6 +67,22 @@ def per_sample_grads(
     return {n: g.reshape(b, *p.shape).clone() for (n, p), g in zip(named, grads)}
 
 
+def per_sample_grad_matrix(
+    model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """The per-example gradients as one new ``[B, d]`` matrix (trainable parameters in
+    ``model.parameters()`` order): what :func:`~common.privacy.privatize_step` takes, made
+    with one copy out of the sampler (pass ``consume=True`` there to skip another)."""
+    if backend not in ("auto", "native", "functorch"):
+        raise ValueError(f"unknown backend '{backend}' (auto, native, functorch)")
+    sampler = None if backend == "functorch" else _native_sampler(model, required=backend == "native")
+    if sampler is None:
+        grads = _functorch_grads(model, loss_fn, inputs, targets)
+        return torch.cat([g.reshape(inputs.shape[0], -1) for g in grads.values()], dim=1)
+    rows, _ = sampler(loss_fn, inputs, targets)
+    return torch.cat(rows, dim=1)
+
+
 _NATIVE_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -290,6 +290,7 @@ def privatize_step(
     noise_multiplier: float,
     expected_batch_size: float,
     generator: torch.Generator | None,
+    consume: bool = False,
 ) -> torch.Tensor:
     """One DP release of a batch of per-sample gradients ``grads`` (``[B, d]``).
 
@@ -300,7 +301,8 @@ def privatize_step(
     sampling) and restored (``scale * w + center``). Inactive coordinates are exactly 0.
 
     ``mask``: bool ``[d]`` or None (all active); ``center``/``scale``: ``[d]`` or None
-    (0 and 1). Returns the released gradient estimate ``[d]``.
+    (0 and 1). ``consume=True`` lets the standardization overwrite ``grads`` in place (no
+    ``[B, d]`` copy; the engine's path). Returns the released gradient estimate ``[d]``.
 
     >>> g = torch.ones(4, 3)
     >>> out = privatize_step(g, mask=None, center=None, scale=None, clip_norm=10.0,
@@ -314,7 +316,7 @@ def privatize_step(
     acc = SegmentAccumulator(
         [d], clip_norm=clip_norm, mask=mask, center=center, scale=scale, device=grads.device
     )
-    acc.add([grads])
+    acc.add([grads], consume=consume)
     released = acc.release(
         noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator
     )

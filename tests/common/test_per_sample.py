@@ -219,6 +219,9 @@ def test_public_api_takes_the_engines_fast_path_with_the_same_numbers():
     for name in ref:
         torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-4)
     flat = torch.cat([fast[n].reshape(16, -1) for n, _ in model.named_parameters()], dim=1)
+    from common.per_sample import per_sample_grad_matrix
+
+    torch.testing.assert_close(per_sample_grad_matrix(model, loss_fn, x, y), flat)
     released = privatize_step(
         flat, mask=None, center=None, scale=None, clip_norm=0.1, noise_multiplier=0.0,
         expected_batch_size=16.0, generator=None,
