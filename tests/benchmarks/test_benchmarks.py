@@ -106,3 +106,11 @@ def test_bench_client_start_smoke(tmp_path, data_dir):
     assert [r["variant"] for r in rows] == list(bench_client_start.VARIANTS) and all(
         r["median_s"] > 0 for r in rows
     )
+
+
+def test_bench_api_smoke(tmp_path):
+    from benchmarks import bench_api
+
+    out = tmp_path / "api.json"
+    assert bench_api.main(["--batch", "16", "--iters", "2", "--out", str(out)]) == 0
+    assert json.load(open(out))["api_over_engine_dpsgd"] > 0
