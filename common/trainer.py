@@ -121,6 +121,96 @@ def splits_for(cfg: TrainConfig) -> Splits:
     )
 
 
+def _charge_epoch(tracker: PrivacyTracker, plan: Plan, step: int) -> None:
+    """Check and spend the epoch starting at ``step``: its (pre-training, training) steps."""
+    n_pre = max(0, min(step + plan.steps_per_epoch, plan.pretrain_steps) - step)
+    for ph in (
+        Phase(plan.pretrain_noise_multiplier, plan.sample_rate, n_pre),
+        Phase(plan.noise_multiplier, plan.sample_rate, plan.steps_per_epoch - n_pre),
+    ):
+        if ph.steps:
+            tracker.check(ph)
+            tracker.spend(ph)
+
+
+class _CentralSteps:
+    """One centralized step at position ``step`` of the plan: pre-training (flat, importance
+    from releases), then the adaptive phase with the mask grown one stage per epoch."""
+
+    def __init__(self, cfg: TrainConfig, plan: Plan) -> None:
+        self.cfg, self.plan = cfg, plan
+        kind, values = cfg.ratio_schedule()
+        self.schedule = UnfreezeSchedule(kind, cfg.r0, cfg.r_max, values)
+        self.stages = math.ceil(plan.train_steps / plan.steps_per_epoch) if plan.train_steps else 0
+        self.builder: MaskBuilder | None = None
+
+    def step(self, engine: DPEngine, data, step: int):
+        cfg, plan = self.cfg, self.plan
+        pretraining = step < plan.pretrain_steps
+        mode = step_mode(cfg, pretraining=pretraining)
+        if mode == "nonprivate":
+            return engine.step(data, mode="nonprivate")
+        if mode == "flat":
+            sigma = plan.pretrain_noise_multiplier if pretraining else plan.noise_multiplier
+            return engine.step(data, mode="flat", noise_multiplier=sigma, update_importance=True)
+        if cfg.uses_mask:
+            if self.builder is None:
+                assert engine.importance is not None
+                self.builder = MaskBuilder(engine.importance.scores(), engine.sizes, cfg.mask_scope)
+            ratio = self.schedule.ratio((step - plan.pretrain_steps) // plan.steps_per_epoch, self.stages)
+            if engine.mask is None or abs(engine.active_ratio - ratio) > 0.5 / engine.d:
+                engine.set_mask(self.builder.mask(ratio))
+        return engine.step(data, mode="adaptive", noise_multiplier=plan.noise_multiplier)
+
+
+def _central_summary(
+    cfg: TrainConfig, plan: Plan, tracker: PrivacyTracker, best: dict, best_test: float, final_test: float,
+    t0: float, run_dir: str,
+) -> dict:  # fmt: skip
+    return {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "model": cfg.resolved_model(),
+        "target_epsilon": cfg.epsilon if cfg.private else None,
+        "epsilon": tracker.epsilon() if cfg.private else math.inf,  # never a finite epsilon
+        "delta": cfg.delta,
+        "accountant": cfg.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "pretrain_noise_multiplier": plan.pretrain_noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.total_steps,
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "test_accuracy_best_val": best_test,
+        "test_accuracy_final": final_test,
+        "seed": cfg.seed if cfg.seeded else None,
+        "seeded_warning": "fixed seed: for experiments only" if cfg.seeded else None,
+        "seconds": time.time() - t0,
+        "run_dir": run_dir,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+
+
+def _open_central_run(
+    cfg: TrainConfig, plan: Plan, run_dir: str | None, command: str | None, log, n_params: int
+) -> str:
+    """The run folder with config.json, plan.json and command.txt; the [plan] line."""
+    run_dir = run_dir or os.path.join(cfg.out_dir, run_dir_name(cfg))
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, "config.json"), cfg.to_dict())
+    write_json_atomic(os.path.join(run_dir, "plan.json"), asdict(plan))
+    with open(os.path.join(run_dir, "command.txt"), "w") as fh:
+        fh.write((command or reproduce_command(cfg)) + "\n")
+    log(
+        f"[plan] {cfg.method} on {cfg.dataset}: n={plan.n_train}, q={plan.sample_rate:.5f}, "
+        f"{plan.total_steps} steps ({plan.pretrain_steps} pre-training), sigma={plan.noise_multiplier:.4f}"
+        f" (pre {plan.pretrain_noise_multiplier:.4f}), planned epsilon={plan.planned_epsilon:.4f} "
+        f"at delta={cfg.delta:g}, {n_params} parameters, run folder {run_dir}"
+    )
+    return run_dir
+
+
 def train_centralized(
     cfg: TrainConfig,
     *,
@@ -152,26 +242,12 @@ def train_centralized(
         sampling_generator=make_generator(cfg.seed, "central", "sampling", device=device),
     )
     train_data = splits.train.to(device)
-    run_dir = run_dir or os.path.join(cfg.out_dir, run_dir_name(cfg))
-    os.makedirs(run_dir, exist_ok=True)
-    write_json_atomic(os.path.join(run_dir, "config.json"), cfg.to_dict())
-    write_json_atomic(os.path.join(run_dir, "plan.json"), asdict(plan))
-    with open(os.path.join(run_dir, "command.txt"), "w") as fh:
-        fh.write((command or reproduce_command(cfg)) + "\n")
-    log(
-        f"[plan] {cfg.method} on {cfg.dataset}: n={plan.n_train}, q={plan.sample_rate:.5f}, "
-        f"{plan.total_steps} steps ({plan.pretrain_steps} pre-training), sigma={plan.noise_multiplier:.4f}"
-        f" (pre {plan.pretrain_noise_multiplier:.4f}), planned epsilon={plan.planned_epsilon:.4f} "
-        f"at delta={cfg.delta:g}, {num_parameters(model)} parameters, run folder {run_dir}"
-    )
+    run_dir = _open_central_run(cfg, plan, run_dir, command, log, num_parameters(model))
 
     tracker = PrivacyTracker(
         delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
     )
-    kind, values = cfg.ratio_schedule()
-    schedule = UnfreezeSchedule(kind, cfg.r0, cfg.r_max, values)
-    train_epochs_total = math.ceil(plan.train_steps / plan.steps_per_epoch) if plan.train_steps else 0
-    builder: MaskBuilder | None = None
+    masks = _CentralSteps(cfg, plan)
     metrics: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": 0}
     best_state = copy.deepcopy(engine.model.state_dict())
@@ -181,42 +257,11 @@ def train_centralized(
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.time()
         engine.set_lr(cfg.lr * lr_factor(cfg.lr_schedule, epoch - 1, cfg.epochs))
-        epoch_end = step + plan.steps_per_epoch
-        # split this epoch into (pre-training, training) steps and check the budget first
-        n_pre = max(0, min(epoch_end, plan.pretrain_steps) - step)
-        n_train_steps = plan.steps_per_epoch - n_pre
         if cfg.private:
-            for ph in (
-                Phase(plan.pretrain_noise_multiplier, plan.sample_rate, n_pre),
-                Phase(plan.noise_multiplier, plan.sample_rate, n_train_steps),
-            ):
-                if ph.steps:
-                    tracker.check(ph)
-                    tracker.spend(ph)
+            _charge_epoch(tracker, plan, step)
         loss_sum, n_batches, n_clipped, n_examples = 0.0, 0, 0, 0
         for _ in range(plan.steps_per_epoch):
-            mode = step_mode(cfg, pretraining=step < plan.pretrain_steps)
-            if mode == "nonprivate":
-                res = engine.step(train_data, mode="nonprivate")
-            elif mode == "flat":
-                res = engine.step(
-                    train_data,
-                    mode="flat",
-                    noise_multiplier=plan.pretrain_noise_multiplier
-                    if step < plan.pretrain_steps
-                    else plan.noise_multiplier,
-                    update_importance=True,
-                )
-            else:
-                if cfg.uses_mask:
-                    if builder is None:
-                        assert engine.importance is not None
-                        builder = MaskBuilder(engine.importance.scores(), engine.sizes, cfg.mask_scope)
-                    stage = (step - plan.pretrain_steps) // plan.steps_per_epoch
-                    ratio = schedule.ratio(stage, train_epochs_total)
-                    if engine.mask is None or abs(engine.active_ratio - ratio) > 0.5 / engine.d:
-                        engine.set_mask(builder.mask(ratio))
-                res = engine.step(train_data, mode="adaptive", noise_multiplier=plan.noise_multiplier)
+            res = masks.step(engine, train_data, step)
             step += 1
             if ema is not None:
                 ema.update(flat_parameters(engine.model))
@@ -259,29 +304,7 @@ def train_centralized(
     final_test = metrics[-1]["test_accuracy"]
     engine.model.load_state_dict(best_state)
     _, best_test = evaluate(engine.model, splits.test)
-    summary = {
-        "method": cfg.method,
-        "dataset": cfg.dataset,
-        "model": cfg.resolved_model(),
-        "target_epsilon": cfg.epsilon if cfg.private else None,
-        "epsilon": tracker.epsilon() if cfg.private else math.inf,  # never a finite epsilon
-        "delta": cfg.delta,
-        "accountant": cfg.accountant,
-        "noise_multiplier": plan.noise_multiplier,
-        "pretrain_noise_multiplier": plan.pretrain_noise_multiplier,
-        "sample_rate": plan.sample_rate,
-        "steps": plan.total_steps,
-        "best_epoch": best["epoch"],
-        "best_val_accuracy": best["val_accuracy"],
-        "test_accuracy_best_val": best_test,
-        "test_accuracy_final": final_test,
-        "seed": cfg.seed if cfg.seeded else None,
-        "seeded_warning": "fixed seed: for experiments only" if cfg.seeded else None,
-        "seconds": time.time() - t0,
-        "run_dir": run_dir,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-    }
+    summary = _central_summary(cfg, plan, tracker, best, best_test, final_test, t0, run_dir)
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     log(
         f"[done] best epoch {best['epoch']} (val {best['val_accuracy']:.4f}): test accuracy "
