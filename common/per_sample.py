@@ -56,9 +56,7 @@ def per_sample_grads(
     ``torch.func``; ``native`` or ``functorch`` force one. The returned tensors are the
     caller's own (copied out of the sampler's scratch space).
     """
-    if backend not in ("auto", "native", "functorch"):
-        raise ValueError(f"unknown backend '{backend}' (auto, native, functorch)")
-    sampler = None if backend == "functorch" else _native_sampler(model, required=backend == "native")
+    sampler = _public_sampler(model, backend)
     if sampler is None:
         return _functorch_grads(model, loss_fn, inputs, targets)
     grads, _ = sampler(loss_fn, inputs, targets)
@@ -73,9 +71,7 @@ def per_sample_grad_matrix(
     """The per-example gradients as one new ``[B, d]`` matrix (trainable parameters in
     ``model.parameters()`` order): what :func:`~common.privacy.privatize_step` takes, made
     with one copy out of the sampler (pass ``consume=True`` there to skip another)."""
-    if backend not in ("auto", "native", "functorch"):
-        raise ValueError(f"unknown backend '{backend}' (auto, native, functorch)")
-    sampler = None if backend == "functorch" else _native_sampler(model, required=backend == "native")
+    sampler = _public_sampler(model, backend)
     if sampler is None:
         grads = _functorch_grads(model, loss_fn, inputs, targets)
         return torch.cat([g.reshape(inputs.shape[0], -1) for g in grads.values()], dim=1)
@@ -84,6 +80,13 @@ def per_sample_grad_matrix(
 
 
 _NATIVE_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _public_sampler(model: nn.Module, backend: str) -> NativeGradSampler | None:
+    """The public functions' sampler: native where allowed, None for torch.func."""
+    if backend not in ("auto", "native", "functorch"):
+        raise ValueError(f"unknown backend '{backend}' (auto, native, functorch)")
+    return None if backend == "functorch" else _native_sampler(model, required=backend == "native")
 
 
 def _native_sampler(model: nn.Module, *, required: bool) -> NativeGradSampler | None:

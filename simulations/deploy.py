@@ -257,10 +257,7 @@ def deploy_local(
     SuperLink dying during the run, or the timeout.
     """
     # 1. check everything that can be checked before a process starts
-    if silos < 1:
-        raise ConfigError("silos", silos, "must be >= 1")
-    if timeout <= 0:
-        raise ConfigError("timeout", timeout, "must be > 0")
+    _check_positive(silos=silos, timeout=timeout)
     overrides = resolve_run_config(cfg_overrides, silos=silos, data_dir=data_dir)
     superlink_port, node_ports = _plan_ports(host, superlink_port, base_supernode_port, silos)
     tls = _tls_files(certs_dir)
@@ -322,18 +319,16 @@ def deploy_local(
 
     # 3. what the run left
     run_dir, summary, logs_dir = _collect(overrides["out-dir"], output, t_wall, ok, ws, flwr_home)
-    return {
-        "returncode": rc,
-        "run_dir": run_dir,
-        "summary": summary,
-        "errors": errors,
-        "pids": pids,
-        "descendant_pids": tracker.descendants(),
-        "superlink_address": f"{host}:{superlink_port}",
-        "supernode_ports": node_ports,
-        "seconds": time.monotonic() - t0,
-        "logs": logs_dir,
-    }
+    processes = {"pids": pids, "descendant_pids": tracker.descendants()}
+    where = {"superlink_address": f"{host}:{superlink_port}", "supernode_ports": node_ports}
+    return {"returncode": rc, "run_dir": run_dir, "summary": summary, "errors": errors, **processes, **where,
+            "seconds": time.monotonic() - t0, "logs": logs_dir}  # fmt: skip
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(name, value, "must be > 0" if name != "silos" else "must be >= 1")
 
 
 def _plan_ports(
