@@ -148,6 +148,9 @@ class TrainConfig:
     schedule: str = "linear"
     mask_scope: str = "global"
     importance: str = "squared"
+    # dynamic mask: re-score the importance every m stages (epochs / rounds) from the weights'
+    # movement under released updates (0 = the paper's static ranking from the importance phase)
+    mask_refresh: int = 0
     # AdaCliP statistics
     beta1: float = 0.99
     beta2: float = 0.9
@@ -216,6 +219,13 @@ class TrainConfig:
         if self.r_max < self.r0:
             raise ConfigError("r-max", self.r_max, f"must be >= r0 ({self.r0})")
         parse_schedule(self.schedule)
+        _number("mask-refresh", self.mask_refresh, lo=0, hi=1_000_000, integer=True)
+        if self.mask_refresh > 0 and not self.uses_mask:
+            raise ConfigError(
+                "mask-refresh",
+                self.mask_refresh,
+                f"re-scores AdaDPIGU's mask; method {self.method} has no mask",
+            )
         _number("beta1", self.beta1, lo=0.0, hi=1.0, hi_open=True)
         _number("beta2", self.beta2, lo=0.0, hi=1.0, hi_open=True)
         _number("h1", self.h1, lo=0.0, lo_open=True)
@@ -521,6 +531,7 @@ HELP: dict[str, str] = {
     "r-max": "AdaDPIGU: final retention ratio, >= r0",
     "schedule": "unfreezing schedule: linear | none | steps:r1,r2,...",
     "mask-scope": "global | per-layer top-k",
+    "mask-refresh": "dynamic mask: re-score importance from the weights' movement every m epochs/rounds (0 = static)",
     "importance": "squared (debiased mean of g^2) | abs (the paper's mean |g|)",
     "beta1": "AdaCliP: EMA rate of the mean a",
     "beta2": "AdaCliP: EMA rate of the variance statistic",

@@ -12,6 +12,11 @@ A ranking orders coordinates by importance (ties: lower index first). The mask a
 ratio r is the first ``ceil(r d)`` coordinates of the ranking, so masks for growing r
 are nested: unfreezing never re-freezes and always opens the most important frozen
 coordinates first.
+
+Dynamic mask (``mask-refresh`` m > 0, the paper's own proposed next step): the ranking is
+re-scored every m stages from :class:`MovementScores`, the squared change of the weights
+over the last window (post-processing of released updates, no privacy cost). A dynamic
+mask may re-freeze coordinates whose movement fell behind others'.
 """
 
 from __future__ import annotations
@@ -108,6 +113,68 @@ class MaskBuilder:
             out[offset + order[: top_k_count(ratio, n)]] = True
             offset += n
         return out
+
+
+class MovementScores:
+    """Importance from how far the released updates moved each weight (dynamic masks).
+
+    A window starts at weights ``theta_0``; at its end each coordinate that was active
+    throughout the window scores ``(theta_1 - theta_0)^2 / (sum of learning rates)^2``,
+    the square of its mean released step, divided by the mean of those scores over the
+    coordinates measured (scores of different windows are compared on one scale although
+    gradients shrink as training goes on). Coordinates frozen at some point of the window
+    were not measured and keep their last score. The first window (the importance phase,
+    all coordinates active) scores every coordinate.
+    """
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+        self.scores = torch.zeros(d, dtype=torch.float64)
+        self.start: torch.Tensor | None = None
+        self.measured = torch.ones(d, dtype=torch.bool)
+        self.lr_sum = 0.0
+
+    def begin(self, flat: torch.Tensor) -> None:
+        """Start a window at these weights."""
+        self.start = flat.detach().to("cpu", torch.float64).clone()
+        self.measured = torch.ones(self.d, dtype=torch.bool)
+        self.lr_sum = 0.0
+
+    def observe(self, mask: torch.Tensor | None, lr: float) -> None:
+        """One update of the window, made with ``mask`` active (None: all) and step ``lr``."""
+        if mask is not None:
+            self.measured &= mask.detach().to("cpu", torch.bool)
+        self.lr_sum += float(lr)
+
+    def refresh(self, flat: torch.Tensor) -> torch.Tensor:
+        """End the window at ``flat``: re-score the measured coordinates, start the next
+        window there, and return the scores of every coordinate."""
+        if self.start is None:
+            raise RuntimeError("MovementScores.refresh before begin")
+        if self.lr_sum <= 0 or not bool(self.measured.any()):
+            self.begin(flat)
+            return self.scores.clone()
+        now = flat.detach().to("cpu", torch.float64)
+        fresh = ((now - self.start) / self.lr_sum).square()[self.measured]
+        mean = float(fresh.mean())
+        if math.isfinite(mean) and mean > 0:
+            self.scores[self.measured] = fresh / mean
+        self.begin(now)
+        return self.scores.clone()
+
+    def state_dict(self) -> dict:
+        return {
+            "scores": self.scores.clone(),
+            "start": None if self.start is None else self.start.clone(),
+            "measured": self.measured.clone(),
+            "lr_sum": self.lr_sum,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = state["scores"].clone()
+        self.start = None if state["start"] is None else state["start"].clone()
+        self.measured = state["measured"].clone()
+        self.lr_sum = float(state["lr_sum"])
 
 
 class UnfreezeSchedule:

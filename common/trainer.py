@@ -29,7 +29,7 @@ from common.config import TrainConfig
 from common.data import Splits, load_splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
-from common.masks import MaskBuilder, UnfreezeSchedule
+from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule
 from common.models import ParameterEMA, build_model_for, flat_parameters, num_parameters
 from common.outputs import reproduce_command, run_dir_name, write_csv, write_json_atomic
 from common.server_opt import lr_factor
@@ -135,7 +135,8 @@ def _charge_epoch(tracker: PrivacyTracker, plan: Plan, step: int) -> None:
 
 class _CentralSteps:
     """One centralized step at position ``step`` of the plan: pre-training (flat, importance
-    from releases), then the adaptive phase with the mask grown one stage per epoch."""
+    from releases), then the adaptive phase with the mask grown one stage per epoch and,
+    with ``mask-refresh`` m > 0, re-scored from the weights' movement every m epochs."""
 
     def __init__(self, cfg: TrainConfig, plan: Plan) -> None:
         self.cfg, self.plan = cfg, plan
@@ -143,6 +144,24 @@ class _CentralSteps:
         self.schedule = UnfreezeSchedule(kind, cfg.r0, cfg.r_max, values)
         self.stages = math.ceil(plan.train_steps / plan.steps_per_epoch) if plan.train_steps else 0
         self.builder: MaskBuilder | None = None
+        self.movement: MovementScores | None = None
+
+    def _mask(self, engine: DPEngine, step: int) -> None:
+        """Build, grow or re-score the mask before an adaptive step."""
+        cfg, plan = self.cfg, self.plan
+        stage, offset = divmod(step - plan.pretrain_steps, plan.steps_per_epoch)
+        refresh = self.movement is not None and offset == 0 and stage > 0 and stage % cfg.mask_refresh == 0
+        if self.builder is None or refresh:
+            if self.movement is not None:
+                scores = self.movement.refresh(flat_parameters(engine.model))
+            else:
+                assert engine.importance is not None
+                scores = engine.importance.scores()
+            self.builder = MaskBuilder(scores.float(), engine.sizes, cfg.mask_scope)
+            engine.mask = None  # (re)built: set below even if the ratio is unchanged
+        ratio = self.schedule.ratio(stage, self.stages)
+        if engine.mask is None or abs(engine.active_ratio - ratio) > 0.5 / engine.d:
+            engine.set_mask(self.builder.mask(ratio))
 
     def step(self, engine: DPEngine, data, step: int):
         cfg, plan = self.cfg, self.plan
@@ -150,17 +169,19 @@ class _CentralSteps:
         mode = step_mode(cfg, pretraining=pretraining)
         if mode == "nonprivate":
             return engine.step(data, mode="nonprivate")
+        if cfg.uses_mask and cfg.mask_refresh > 0 and self.movement is None:
+            self.movement = MovementScores(engine.d)
+            self.movement.begin(flat_parameters(engine.model))
         if mode == "flat":
             sigma = plan.pretrain_noise_multiplier if pretraining else plan.noise_multiplier
-            return engine.step(data, mode="flat", noise_multiplier=sigma, update_importance=True)
-        if cfg.uses_mask:
-            if self.builder is None:
-                assert engine.importance is not None
-                self.builder = MaskBuilder(engine.importance.scores(), engine.sizes, cfg.mask_scope)
-            ratio = self.schedule.ratio((step - plan.pretrain_steps) // plan.steps_per_epoch, self.stages)
-            if engine.mask is None or abs(engine.active_ratio - ratio) > 0.5 / engine.d:
-                engine.set_mask(self.builder.mask(ratio))
-        return engine.step(data, mode="adaptive", noise_multiplier=plan.noise_multiplier)
+            result = engine.step(data, mode="flat", noise_multiplier=sigma, update_importance=True)
+        else:
+            if cfg.uses_mask:
+                self._mask(engine, step)
+            result = engine.step(data, mode="adaptive", noise_multiplier=plan.noise_multiplier)
+        if self.movement is not None:
+            self.movement.observe(engine.mask, engine.optimizer.param_groups[0]["lr"])
+        return result
 
 
 def _central_summary(

@@ -358,6 +358,7 @@ def _round_row(
         "phase": strategy.phase_of(rnd),
         "retention_ratio": strategy.ratio_of(rnd),
         "active_ratio": 1.0 if strategy.mask is None else float(strategy.mask.float().mean()),
+        "mask_version": strategy.mask_version,
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "val_accuracy": float(val[P.VAL_ACCURACY]) if val is not None else math.nan,

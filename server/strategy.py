@@ -36,7 +36,7 @@ from common.config import FederatedConfig, TrainConfig
 from common.engine import derive_seed
 from common.errors import UserError
 from common.federated import ClientPlan, aggregate_sparse
-from common.masks import MaskBuilder, UnfreezeSchedule, importance_scores, pack_mask
+from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule, importance_scores, pack_mask
 from common.models import ParameterEMA, flat_parameters, load_flat_parameters
 from common.server_opt import ServerOptimizer, lr_factor
 from server.ledger import PrivacyLedger
@@ -101,6 +101,8 @@ class AdaDPIGUStrategy(FedAvg):
         self.builder: MaskBuilder | None = None
         self.importance_sum = torch.zeros(self.d, dtype=torch.float64)
         self.importance_weight = 0.0
+        # dynamic mask (mask-refresh > 0): importance from the global weights' movement
+        self.movement = MovementScores(self.d) if cfg.uses_mask and cfg.mask_refresh > 0 else None
         self.sent: dict[int, Sent] = {}
         self.current_flat: torch.Tensor | None = None
         self.server_opt = ServerOptimizer(
@@ -190,12 +192,20 @@ class AdaDPIGUStrategy(FedAvg):
         return self.fed.server_lr * factor
 
     def _update_mask(self, server_round: int) -> None:
+        assert self.current_flat is not None
+        if self.movement is not None and self.movement.start is None:
+            self.movement.begin(self.current_flat)  # the first window: the importance rounds
         if not self.cfg.uses_mask or self.phase_of(server_round) == P.PHASE_IMPORTANCE:
             return
-        if self.builder is None:
-            if self.importance_weight <= 0:
-                raise RoundError("no valid importance scores were received: cannot build the mask")
-            scores = self.importance_sum / self.importance_weight
+        stage = server_round - self.importance_rounds - 1
+        m = self.cfg.mask_refresh
+        if self.builder is None or (self.movement is not None and stage > 0 and stage % m == 0):
+            if self.movement is not None:
+                scores = self.movement.refresh(self.current_flat)
+            else:
+                if self.importance_weight <= 0:
+                    raise RoundError("no valid importance scores were received: cannot build the mask")
+                scores = self.importance_sum / self.importance_weight
             self.builder = MaskBuilder(scores.float(), self.sizes, self.cfg.mask_scope)
         new = self.builder.mask(self.ratio_of(server_round))
         if self.mask is None or not torch.equal(new, self.mask):
@@ -223,8 +233,8 @@ class AdaDPIGUStrategy(FedAvg):
                 for n in nodes
             }
             self.ledger.check_round(planned)  # raises BudgetError before anything is sent
-        self._update_mask(server_round)
         self.current_flat = self._flat_of(arrays)
+        self._update_mask(server_round)
         base_bytes = arrays.count_bytes()
         expected_len = self.d if self.mask is None else int(self.mask.sum())
         self.sent = {}
@@ -420,6 +430,8 @@ class AdaDPIGUStrategy(FedAvg):
         load_flat_parameters(self.model, new_flat)
         if self.ema is not None:
             self.ema.update(new_flat)
+        if self.movement is not None:
+            self.movement.observe(self.mask, self.client_lr(server_round) * self.server_lr(server_round))
         if self.phase_of(server_round) == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
             for v in valid:
                 self.importance_sum += v["weight"] * v["importance"]
@@ -445,6 +457,7 @@ class AdaDPIGUStrategy(FedAvg):
             "noise": {s.name: s.noise_multiplier for s in self.silos.values()},
             "server_opt": self.server_opt.state_dict(),
             "ema": None if self.ema is None or self.ema.flat is None else self.ema.flat.clone(),
+            "movement": None if self.movement is None else self.movement.state_dict(),
         }
 
     def load_state(self, state: dict) -> None:
@@ -453,8 +466,15 @@ class AdaDPIGUStrategy(FedAvg):
         self.mask_bits = pack_mask(self.mask) if self.mask is not None else b""
         self.importance_sum = state["importance_sum"].clone()
         self.importance_weight = float(state["importance_weight"])
+        if self.movement is not None and state.get("movement") is not None:
+            self.movement.load_state_dict(state["movement"])
         if state["builder_built"]:
-            scores = self.importance_sum / self.importance_weight
+            # the ranking the mask was last built from (movement scores are unchanged since)
+            scores = (
+                self.movement.scores
+                if self.movement is not None
+                else self.importance_sum / self.importance_weight
+            )
             self.builder = MaskBuilder(scores.float(), self.sizes, self.cfg.mask_scope)
         self.rng.setstate(state["rng"])
         self.rejections = list(state["rejections"])

@@ -90,3 +90,44 @@ def test_pack_unpack_round_trip(d, seed):
     data = pack_mask(mask)
     assert len(data) == math.ceil(d / 8)
     assert torch.equal(unpack_mask(data, d), mask)
+
+
+def test_movement_scores_against_a_naive_loop():
+    """Dynamic-mask scores: squared mean step of coordinates active throughout the window,
+    divided by their mean; coordinates frozen at any update keep their last score."""
+    from common.masks import MovementScores
+
+    gen = torch.Generator().manual_seed(3)
+    d = 12
+    theta = torch.randn(d, generator=gen, dtype=torch.float64)
+    tracker = MovementScores(d)
+    tracker.begin(theta)
+    # window 1: every coordinate active, three updates
+    lrs = [0.5, 0.25, 0.25]
+    start = theta.clone()
+    for lr in lrs:
+        theta = theta + lr * torch.randn(d, generator=gen, dtype=torch.float64)
+        tracker.observe(None, lr)
+    got1 = tracker.refresh(theta)
+    raw = [((theta[j] - start[j]) / sum(lrs)) ** 2 for j in range(d)]
+    mean = sum(raw) / d
+    expected1 = [float(r / mean) for r in raw]
+    assert got1.tolist() == pytest.approx(expected1, rel=1e-12)
+    # window 2: coordinate 0 frozen for one update, 1-3 frozen throughout
+    masks = [torch.tensor([j >= 4 or j == 0 for j in range(d)]), torch.tensor([j >= 4 for j in range(d)])]
+    start = theta.clone()
+    for mask, lr in zip(masks, [0.1, 0.2]):
+        theta = theta + lr * torch.randn(d, generator=gen, dtype=torch.float64) * mask
+        tracker.observe(mask, lr)
+    got2 = tracker.refresh(theta)
+    measured = [j for j in range(d) if all(bool(m[j]) for m in masks)]
+    assert measured == list(range(4, d))
+    raw2 = {j: float(((theta[j] - start[j]) / 0.3) ** 2) for j in measured}
+    mean2 = sum(raw2.values()) / len(raw2)
+    for j in range(d):
+        want = raw2[j] / mean2 if j in raw2 else expected1[j]
+        assert float(got2[j]) == pytest.approx(want, rel=1e-12), j
+    # the state round-trips (resume)
+    again = MovementScores(d)
+    again.load_state_dict(tracker.state_dict())
+    assert torch.equal(again.scores, tracker.scores) and torch.equal(again.start, tracker.start)

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from common.config import TrainConfig
 from common.errors import BudgetError
@@ -86,3 +87,43 @@ def test_other_datasets_run_end_to_end(dataset, subset, min_acc, data_dir, tmp_p
     assert summary["epsilon"] <= 8.0
     assert summary["best_val_accuracy"] >= min_acc
     assert os.path.exists(os.path.join(summary["run_dir"], "best_model.pt"))
+
+
+def test_dynamic_mask_is_rescored_every_m_epochs_at_no_privacy_cost(data_dir, tmp_path, monkeypatch):
+    """mask-refresh 1 rebuilds the static-ratio mask every adaptive epoch from the weights'
+    movement; the plan (sigma, steps) and the epsilon spent are the static run's."""
+    from common.engine import DPEngine
+
+    seen: list[torch.Tensor] = []
+    original = DPEngine.set_mask
+
+    def recording(self, mask):
+        if mask is not None:
+            seen.append(mask.clone().cpu())
+        return original(self, mask)
+
+    monkeypatch.setattr(DPEngine, "set_mask", recording)
+    runs = {}
+    for refresh in (0, 1):
+        seen.clear()
+        cfg = TrainConfig(
+            method="adadpigu-static", r0=0.5, mask_refresh=refresh, dataset="mnist", epsilon=8.0,
+            train_subset=2000, test_subset=500, epochs=4, batch_size=128, pretrain_fraction=0.25,
+            data_dir=data_dir, out_dir=str(tmp_path / str(refresh)), seed=0,
+        )  # fmt: skip
+        runs[refresh] = (train_centralized(cfg, log=lambda s: None), list(seen))
+    (static, static_masks), (dynamic, dynamic_masks) = runs[0], runs[1]
+    assert len(static_masks) == 1  # built once from the importance phase
+    assert len(dynamic_masks) == 3  # built after pre-training, re-scored at adaptive epochs 2 and 3
+    k = int(dynamic_masks[0].sum())
+    assert all(int(m.sum()) == k for m in dynamic_masks)
+    assert any(not torch.equal(m, dynamic_masks[0]) for m in dynamic_masks[1:]), "the mask never changed"
+    for key in ("noise_multiplier", "epsilon", "steps"):
+        assert dynamic[key] == static[key], key
+
+
+def test_mask_refresh_needs_a_masked_method():
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mask-refresh"):
+        TrainConfig(method="dpsgd", mask_refresh=2)

@@ -60,13 +60,16 @@ def test_resume_between_rounds_equals_uninterrupted_run(tmp_path, data_dir):
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("method", ["dpsgd", "adaclip", "adadpigu"])
+@pytest.mark.parametrize("method", ["dpsgd", "adaclip", "adadpigu", "adadpigu-dynamic"])
 def test_seeded_resume_continues_bit_identically(tmp_path, data_dir, method):
     """Client state (AdaCliP statistics, momentum, spend) comes back from the silo's disk
-    after a restart: the resumed run is the uninterrupted run, number for number."""
+    after a restart: the resumed run is the uninterrupted run, number for number. With a
+    dynamic mask (re-scored every round) the server's movement scores come back too."""
 
     def run_configs(sub):
         cfg, fed = configs(tmp_path / sub, data_dir)
+        if method == "adadpigu-dynamic":
+            return cfg.replace(method="adadpigu-static", r0=0.5, mask_refresh=1), fed
         return cfg.replace(method=method), fed
 
     cfg, fed = run_configs("a")
@@ -87,6 +90,8 @@ def test_seeded_resume_continues_bit_identically(tmp_path, data_dir, method):
     for key in ("test_accuracy", "test_loss", "val_accuracy", "max_epsilon"):
         assert [r.get(key) for r in rows_a] == [r.get(key) for r in rows_b], key
     assert ledger_phases(run_b) == ledger_phases(full["run_dir"])
+    if method == "adadpigu-dynamic":  # built in round 2, re-scored in rounds 3 and 4
+        assert [r.get("mask_version") for r in rows_b][1:] == [0, 1, 2, 3]
 
 
 def test_resume_with_different_settings_is_refused(tmp_path, data_dir):
