@@ -402,7 +402,10 @@ class FederatedConfig:
     min_train_nodes: int = 1
     round_timeout: float = 600.0
     startup_timeout: float = 600.0
-    evaluate_every: int = 1
+    # validation (clients) and test-set evaluation (server) every k rounds, always at the last;
+    # 0 = auto: every round for plans under 100 rounds, 50-100 evaluations for longer ones
+    evaluate_every: int = 0
+    test_every: int = 0
     resume: str = ""  # a run folder to continue (its checkpoint.pt and ledger.json)
     reserve_rounds: int = 0  # extra rounds the noise is calibrated for (interruptions)
     max_update_norm: float = 1e3  # replies with a larger L2 norm are rejected as absurd
@@ -426,7 +429,8 @@ class FederatedConfig:
         _number("min-train-nodes", self.min_train_nodes, lo=1, integer=True)
         _number("round-timeout", self.round_timeout, lo=0.0, lo_open=True)
         _number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
-        _number("evaluate-every", self.evaluate_every, lo=1, integer=True)
+        _number("evaluate-every", self.evaluate_every, lo=0, integer=True)
+        _number("test-every", self.test_every, lo=0, integer=True)
         _number("reserve-rounds", self.reserve_rounds, lo=0, hi=10**4, integer=True)
         _number("max-update-norm", self.max_update_norm, lo=0.0, lo_open=True)
         _number("local-steps", self.local_steps, lo=0, hi=10**6, integer=True)
@@ -444,6 +448,19 @@ class FederatedConfig:
         _number("server-beta1", self.server_beta1, lo=0.0, hi=1.0, hi_open=True)
         _number("server-beta2", self.server_beta2, lo=0.0, hi=1.0, hi_open=True)
         _number("server-tau", self.server_tau, lo=0.0, lo_open=True)
+
+    def _interval(self, k: int) -> int:
+        return k if k > 0 else max(1, self.num_server_rounds // 50)
+
+    @property
+    def evaluate_interval(self) -> int:
+        """Rounds between validation evaluations (``evaluate-every``, 0 = auto)."""
+        return self._interval(self.evaluate_every)
+
+    @property
+    def test_interval(self) -> int:
+        """Rounds between test-set evaluations on the server (``test-every``, 0 = auto)."""
+        return self._interval(self.test_every)
 
     def importance_rounds_for(self, cfg: TrainConfig) -> int:
         """Importance (pre-training) rounds actually run for ``cfg.method``."""
@@ -562,7 +579,8 @@ HELP: dict[str, str] = {
     "min-train-nodes": "fewest valid updates for a round to count",
     "round-timeout": "seconds to wait for a round's replies",
     "startup-timeout": "seconds to wait for clients at the start",
-    "evaluate-every": "ask clients for validation accuracy every k rounds (and at the last)",
+    "evaluate-every": "ask clients for validation accuracy every k rounds and at the last (0 = auto: rounds // 50, at least 1)",
+    "test-every": "server test-set evaluation and metrics files every k rounds and at the last (0 = auto, as evaluate-every)",
     "resume": "run folder to continue (its checkpoint.pt and ledger.json)",
     "reserve-rounds": "rounds of budget kept for replays after interruptions (sigma calibrated for rounds + reserve)",
     "max-update-norm": "replies with a larger L2 norm are rejected",

@@ -66,14 +66,45 @@ class PrivacyLedger:
                 )
         return after
 
-    def record(self, client: str, server_round: int, phase: Phase) -> float:
+    def record(self, client: str, server_round: int, phase: Phase) -> None:
+        """Charge ``phase`` to ``client``. The round's epsilon is derived later
+        (:meth:`fill_epsilons`, or :meth:`prefetch` while clients train): the spend itself,
+        the phases, is what must be on disk before a round is sent."""
         tracker = self._tracker(client)
         tracker.spend(phase)
-        eps = self._epsilon(tracker.phases)
         self.history[client].append(
-            {"round": server_round, **phase.to_dict(), "epsilon": eps, "total_steps": tracker.steps}
+            {"round": server_round, **phase.to_dict(), "epsilon": None, "total_steps": tracker.steps}
         )
-        return eps
+
+    def _pending(self) -> list[tuple[str, int, tuple[Phase, ...]]]:
+        """(client, index, composed phases) of every history entry whose epsilon is not set."""
+        out = []
+        for c, entries in self.history.items():
+            if all(h["epsilon"] is not None for h in entries):
+                continue
+            t = PrivacyTracker(delta=self.delta, accountant=self.accountant)
+            for i, h in enumerate(entries):
+                t.spend(Phase(h["noise_multiplier"], h["sample_rate"], h["steps"]))
+                if h["epsilon"] is None:
+                    out.append((c, i, tuple(t.phases)))
+        return out
+
+    def fill_epsilons(self) -> None:
+        """Set the epsilon of every history entry recorded since the last fill."""
+        for c, i, phases in self._pending():
+            self.history[c][i]["epsilon"] = self._epsilon(list(phases))
+
+    def prefetch(self, planned: dict[str, Phase]) -> None:
+        """Compute (into the accountant's per-process cache) what the end of this round and
+        the check of the next one will ask for: every pending epsilon and, for ``planned``
+        next-round phases, the budget check's. Meant for a thread while clients train."""
+        self.fill_epsilons()
+        for c, ph in planned.items():
+            if c in self.clients:
+                budget_epsilon(
+                    self.clients[c]._merge(ph), delta=self.delta, accountant=self.accountant,
+                    target=self.target_epsilon,
+                )  # fmt: skip
 
     def epsilon(self, client: str) -> float:
         if not self.private:
@@ -91,7 +122,12 @@ class PrivacyLedger:
             "mean_epsilon": sum(eps) / len(eps) if eps else 0.0,
         }
 
-    def to_dict(self) -> dict:
+    def to_dict(self, *, pending: bool = False) -> dict:
+        """The whole ledger. ``pending=True`` (the write-ahead copy, written before clients
+        train) leaves epsilons not yet derived as null instead of computing them."""
+        if not pending:
+            self.fill_epsilons()
+        summary = {"max_epsilon": None, "mean_epsilon": None, "pending": True} if pending else self.summary()
         return {
             "private": self.private,
             "delta": self.delta,
@@ -99,13 +135,13 @@ class PrivacyLedger:
             "target_epsilon": self.target_epsilon,
             "clients": {
                 c: {
-                    "epsilon": self.epsilon(c),
+                    "epsilon": None if pending else self.epsilon(c),
                     "phases": [p.to_dict() for p in t.phases],
                     "rounds": self.history[c],
                 }
                 for c, t in sorted(self.clients.items())
             },
-            **self.summary(),
+            **summary,
         }
 
     @classmethod

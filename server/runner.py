@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -302,11 +303,14 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
         log(WARNING, "stopping before round %d: %s", rnd, exc)
         return arrays, f"{kind}: {exc}"
     strategy.record_spend(rnd)
-    # write-ahead: the spend is on disk before any client starts training
-    write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict())
+    # write-ahead: the spend (its phases) is on disk before any client starts training; the
+    # epsilons it implies, and the next round's budget check, are computed while they train
+    write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict(pending=True))
+    accounting = _Prefetch(run.ledger, strategy.planned_phases() if run.cfg.private else {})
     t_send = time.time()
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
     t_clients = time.time() - t_send
+    accounting.join()
     new_arrays, agg = strategy.aggregate_train(rnd, replies)
     arrays = new_arrays if new_arrays is not None else arrays
     agg_d = dict(agg) if agg is not None else {}
@@ -337,14 +341,34 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
     return arrays, stop_reason
 
 
+class _Prefetch(threading.Thread):
+    """The ledger's accounting for this round and the next check, off the critical path.
+    Only fills the accountant's cache and derived epsilons: an error here is raised again
+    where the same numbers are computed on the main thread."""
+
+    def __init__(self, ledger: PrivacyLedger, planned: dict) -> None:
+        super().__init__(name="ledger-prefetch", daemon=True)
+        self.ledger, self.planned = ledger, planned
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.ledger.prefetch(self.planned)
+        except Exception:  # noqa: BLE001 - recomputed (and raised) on the main thread
+            pass
+
+
 def _round_row(
     grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord, eval_model: torch.nn.Module, agg_d: dict
 ) -> dict:
     """The round's metrics row: test and validation accuracy of ``eval_model``, epsilon, traffic."""
     strategy, fed = run.strategy, run.fed
-    test_loss, test_acc = evaluate(eval_model, run.test)
+    last = rnd == fed.num_server_rounds
+    test_loss, test_acc = math.nan, math.nan
+    if rnd % fed.test_interval == 0 or last:
+        test_loss, test_acc = evaluate(eval_model, run.test)
     val = None
-    if rnd % fed.evaluate_every == 0 or rnd == fed.num_server_rounds:
+    if rnd % fed.evaluate_interval == 0 or last:
         eval_arrays = arrays if eval_model is strategy.model else ArrayRecord(eval_model.state_dict())
         ev_replies = grid.send_and_receive(
             strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid),
@@ -375,11 +399,12 @@ def _round_row(
 
 
 def _write_round(run: FederatedRun, rnd: int, eval_model: torch.nn.Module) -> None:
-    """Metrics, ledger, the released model and the checkpoint, each written atomically."""
-    write_json_atomic(os.path.join(run.run_dir, "metrics.json"), run.rows)
-    write_csv(os.path.join(run.run_dir, "metrics.csv"), run.rows)
+    """The ledger and the checkpoint every round; metrics files and the released model on
+    test-evaluation rounds (``test-every``) and at the end. Each written atomically."""
+    if rnd % run.fed.test_interval == 0 or rnd == run.fed.num_server_rounds:
+        _write_metrics(run)
+        torch.save(eval_model.state_dict(), os.path.join(run.run_dir, "final_model.pt"))
     write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict())
-    torch.save(eval_model.state_dict(), os.path.join(run.run_dir, "final_model.pt"))
     save_checkpoint(
         os.path.join(run.run_dir, "checkpoint.pt"),
         {
@@ -394,12 +419,22 @@ def _write_round(run: FederatedRun, rnd: int, eval_model: torch.nn.Module) -> No
     )
 
 
+def _write_metrics(run: FederatedRun) -> None:
+    write_json_atomic(os.path.join(run.run_dir, "metrics.json"), run.rows)
+    write_csv(os.path.join(run.run_dir, "metrics.csv"), run.rows)
+
+
 # ----- finish ---------------------------------------------------------------------------
 
 
 def finish(run: FederatedRun, stop_reason: str) -> dict:
     """The best model on validation, the final files and ``summary.json``."""
     cfg, strategy, ledger, rows, best = run.cfg, run.strategy, run.ledger, run.rows, run.best
+    if len(rows) > 1 and math.isnan(rows[-1]["test_accuracy"]):  # stopped between test rounds
+        final = strategy.evaluation_model()
+        rows[-1]["test_loss"], rows[-1]["test_accuracy"] = evaluate(final, run.test)
+        torch.save(final.state_dict(), os.path.join(run.run_dir, "final_model.pt"))
+    _write_metrics(run)
     torch.save(run.best_state, os.path.join(run.run_dir, "best_model.pt"))
     strategy.model.load_state_dict(run.best_state)
     _, best_test = evaluate(strategy.model, run.test)

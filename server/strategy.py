@@ -228,11 +228,7 @@ class AdaDPIGUStrategy(FedAvg):
         nodes = self.sample(grid, self.fed.fraction_train, self.fed.min_train_nodes)
         phase = self.phase_of(server_round)
         if self.cfg.private:
-            planned = {
-                self.silos[n].name: self.silos[n].plan.round_phase(self.silos[n].noise_multiplier)
-                for n in nodes
-            }
-            self.ledger.check_round(planned)  # raises BudgetError before anything is sent
+            self.ledger.check_round(self.planned_phases(nodes))  # raises BudgetError before anything is sent
         self.current_flat = self._flat_of(arrays)
         self._update_mask(server_round)
         base_bytes = arrays.count_bytes()
@@ -280,6 +276,11 @@ class AdaDPIGUStrategy(FedAvg):
                 down_bytes=down,
             )
         return messages
+
+    def planned_phases(self, nodes: Iterable[int] | None = None) -> dict[str, Phase]:
+        """The DP event a round charges to each silo (of ``nodes``; default: every silo)."""
+        chosen = self.silos.values() if nodes is None else (self.silos[n] for n in nodes)
+        return {s.name: s.plan.round_phase(s.noise_multiplier) for s in chosen}
 
     def record_spend(self, server_round: int) -> None:
         """Charge every client that was sent this round (before its reply: conservative)."""

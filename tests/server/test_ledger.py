@@ -90,3 +90,27 @@ def test_a_non_private_run_never_writes_a_finite_epsilon(tmp_path, data_dir):
     )
     assert all(math.isinf(r["max_epsilon"]) for r in rows)
     assert math.isinf(json.load(open(os.path.join(run, "summary.json")))["max_epsilon"])
+
+
+def test_write_ahead_copy_holds_the_spend_and_epsilons_are_derived_later():
+    """The copy written before clients train has every phase but no epsilon yet; a ledger
+    restored from it (a crash mid-round) derives the same per-round epsilons as one that
+    never stopped, and the prefetch (run while clients train) fills them in advance."""
+    rounds = [Phase(1.2, 0.05, 20), Phase(1.2, 0.05, 20), Phase(0.9, 0.05, 20)]
+    direct = PrivacyLedger(delta=1e-5, accountant="pld", target_epsilon=8.0)
+    for r, ph in enumerate(rounds, start=1):
+        direct.record("silo-0", r, ph)
+    full = direct.to_dict()
+    assert all(h["epsilon"] is not None for h in full["clients"]["silo-0"]["rounds"])
+
+    ahead = PrivacyLedger(delta=1e-5, accountant="pld", target_epsilon=8.0)
+    for r, ph in enumerate(rounds, start=1):
+        ahead.record("silo-0", r, ph)
+        wal = ahead.to_dict(pending=True)
+        assert wal["pending"] and wal["max_epsilon"] is None
+        assert sum(p["steps"] for p in wal["clients"]["silo-0"]["phases"]) == 20 * r  # the spend is there
+        restored = PrivacyLedger.from_dict(wal)
+        assert restored.to_dict()["clients"]["silo-0"]["rounds"] == full["clients"]["silo-0"]["rounds"][:r]
+        ahead.prefetch({"silo-0": rounds[min(r, 2)]})
+        assert all(h["epsilon"] is not None for h in ahead.history["silo-0"])
+    assert ahead.to_dict() == full

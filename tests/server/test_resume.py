@@ -181,3 +181,53 @@ def test_a_kill_mid_round_costs_a_round_unless_a_reserve_was_planned(tmp_path, d
         assert resumed["stop_reason"] == "completed" and resumed["rounds_completed"] == 4
     else:
         assert resumed["stop_reason"].startswith("budget") and resumed["rounds_completed"] == 3
+
+
+class CrashAfterThreeRounds(InProcessGrid):
+    def get_node_ids(self):
+        if self.train_rounds_sent == 3:
+            raise Crash("server process died")
+        return super().get_node_ids()
+
+
+def test_sparse_evaluation_and_a_kill_between_test_rounds(tmp_path, data_dir):
+    """test-every / evaluate-every 2 over 5 rounds: the test set is evaluated on rounds 2, 4
+    and the last; the best model is chosen among validation rounds; a kill after round 3
+    (between test rounds) resumes to the uninterrupted run's metrics and ledger."""
+    import math
+
+    def run_configs(sub):
+        cfg, fed = small_run_configs(
+            tmp_path / sub, data_dir, epsilon=4.0, rounds=5, train_subset=1800, seed=0,
+            test_every=2, evaluate_every=2,
+        )  # fmt: skip
+        return cfg.replace(method="dpsgd"), fed
+
+    cfg, fed = run_configs("a")
+    full = run_federated(
+        InProcessGrid(3), cfg, fed, log_fn=lambda s: None, run_dir=str(tmp_path / "a" / "run")
+    )
+    rows_a = json.load(open(os.path.join(full["run_dir"], "metrics.json")))
+    tested = [r["round"] for r in rows_a if not math.isnan(r["test_accuracy"])]
+    validated = [r["round"] for r in rows_a if not math.isnan(r.get("val_accuracy", math.nan))]
+    assert tested == [0, 2, 4, 5] and validated == [2, 4, 5]
+    best = max((r for r in rows_a if r["round"] in validated), key=lambda r: r["val_accuracy"])
+    assert full["best_round"] == best["round"]
+
+    cfg_b, fed_b = run_configs("b")
+    run_b = str(tmp_path / "b" / "run")
+    with pytest.raises(Crash):
+        run_federated(CrashAfterThreeRounds(3), cfg_b, fed_b, log_fn=lambda s: None, run_dir=run_b)
+    resumed = run_federated(
+        InProcessGrid(3), cfg_b, fed_b.__class__(**{**fed_b.__dict__, "resume": run_b}), log_fn=lambda s: None
+    )
+    assert resumed["stop_reason"] == "completed"
+    rows_b = json.load(open(os.path.join(run_b, "metrics.json")))
+    for key in ("round", "test_accuracy", "val_accuracy", "max_epsilon"):
+        want = [r.get(key, math.nan) for r in rows_a]
+        got = [r.get(key, math.nan) for r in rows_b]
+        assert len(got) == len(want) and all(
+            a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(want, got)
+        ), key
+    assert ledger_phases(run_b) == ledger_phases(full["run_dir"])
+    assert resumed["test_accuracy_best_val"] == full["test_accuracy_best_val"]
