@@ -60,7 +60,9 @@ class Sweep:
         grid = [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
         if not self.variants:
             return grid
-        return [{**variant, **cell} for variant in self.variants for cell in grid]
+        # grid-major: every variant of seed 0 before seed 1, so a sweep cut short leaves
+        # complete pairs for `adadpigu compare`
+        return [{**variant, **cell} for cell in grid for variant in self.variants]
 
 
 def load_sweep(path: str) -> Sweep:
