@@ -82,6 +82,7 @@ def _simulate_from_args(cfg, fed: FederatedConfig, args: argparse.Namespace) -> 
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
         ray_num_cpus=args.ray_num_cpus,
+        ray_address=args.ray_address,
         command="adadpigu " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
 
@@ -215,5 +216,11 @@ def register(sub, add_config_flags, config_from_args) -> None:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per client (Ray resources)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPU share per client, e.g. 0.1")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join a running Ray cluster (HOST:PORT of `ray start --head`, or 'auto') instead of "
+        "starting one; its nodes run the clients",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=lambda a: cmd_simulate(a, config_from_args))

@@ -18,10 +18,24 @@ def simulate(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     ray_num_cpus: int | None = None,
+    ray_address: str | None = None,
     command: str | None = None,
     run_dir: str | None = None,
 ) -> dict | None:
-    """Run the federated system in Flower's simulation runtime (Ray backend) from Python."""
+    """Run the federated system in Flower's simulation runtime (Ray backend) from Python.
+
+    ``ray_address`` ("HOST:PORT" of a head started with ``ray start --head``, or "auto")
+    joins an existing Ray cluster, whose nodes then run the clients: the project and the
+    data folder must be at the same paths on every node (README "More than one machine").
+    """
+    if ray_address is not None and ray_num_cpus is not None:
+        raise ConfigError(
+            "ray-num-cpus",
+            ray_num_cpus,
+            "is set by the cluster's `ray start --num-cpus` when joining one (ray-address)",
+        )
+    if ray_address is not None and not ray_address.strip():
+        raise ConfigError("ray-address", ray_address, "give HOST:PORT of the Ray head, or 'auto'")
     if num_supernodes < 1:
         raise ConfigError("num-supernodes", num_supernodes, "must be >= 1")
     if num_cpus <= 0:
@@ -54,9 +68,12 @@ def simulate(
 
     holder: list[dict | None] = []
     server_app = make_server_app(cfg, fed, command=command, run_dir=run_dir, on_done=holder.append)
-    init_args = {"num_cpus": int(ray_num_cpus or os.cpu_count() or 1)}
-    if num_gpus > 0:
-        init_args["num_gpus"] = 1
+    if ray_address is not None:  # a running cluster: its nodes declare their own resources
+        init_args: dict = {"address": ray_address.strip()}
+    else:
+        init_args = {"num_cpus": int(ray_num_cpus or os.cpu_count() or 1)}
+        if num_gpus > 0:
+            init_args["num_gpus"] = 1
     backend_config = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": init_args,
