@@ -6,7 +6,14 @@ engine measured serially in this process first. Peak memory is the largest summe
 this process and all its descendants (Ray workers included), sampled every 0.2 s.
 
     python -m benchmarks.bench_sim --clients 10 50 100 --json --out docs/data/bench_sim.json
+    python -m benchmarks.bench_sim --clients 10 --local-steps 1 --rounds 50 --json   # DP-FedSGD rounds
+    python -m benchmarks.bench_sim --clients 10 --local-steps 1 --rounds 1000 --json # a long plan
     python -m benchmarks.bench_sim --smoke --json
+
+Columns besides the ratio: ``server_seconds_median`` (the round period minus the clients'
+phase: the server's own checks, aggregation, evaluation and files) and
+``flower_ray_seconds_median`` (the clients' phase minus their ideal compute: Flower's
+messages and Ray's scheduling, what is not ours).
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ def step_time(cfg, n_train: int) -> float:
     return statistics.median(times)
 
 
-def _configs(clients: int, *, per_client: int, rounds: int, batch: int, out_dir: str):
+def _configs(clients: int, *, per_client: int, rounds: int, batch: int, out_dir: str, local_steps: int = 0):
     from common.config import FederatedConfig, TrainConfig
 
     cfg = TrainConfig(
@@ -108,6 +115,7 @@ def _configs(clients: int, *, per_client: int, rounds: int, batch: int, out_dir:
         num_server_rounds=rounds,
         importance_rounds=0,
         local_epochs=1.0,
+        local_steps=local_steps,
         min_available_nodes=clients,
         min_train_nodes=clients,
         fraction_evaluate=0.0,
@@ -115,13 +123,15 @@ def _configs(clients: int, *, per_client: int, rounds: int, batch: int, out_dir:
     return cfg, fed
 
 
-def client_step_time(*, per_client: int, batch: int) -> tuple[float, int]:
+def client_step_time(*, per_client: int, batch: int, local_steps: int = 0) -> tuple[float, int]:
     """One client's DP step time (serial, one thread) and its local steps per round; the
     same for every client count (every silo has ``per_client`` examples). Measured once,
     before any Ray process exists, so that all rows share one ideal per client."""
     from common.federated import ClientPlan
 
-    cfg, fed = _configs(1, per_client=per_client, rounds=1, batch=batch, out_dir="unused")
+    cfg, fed = _configs(
+        1, per_client=per_client, rounds=1, batch=batch, out_dir="unused", local_steps=local_steps
+    )
     n_train = int(round(per_client * 0.9))
     plan = ClientPlan.for_silo(cfg, fed, n_train)
     torch.set_num_threads(1)
@@ -141,7 +151,9 @@ def run_one(
 ) -> dict:
     from simulations.launcher import simulate
 
-    cfg, fed = _configs(clients, per_client=per_client, rounds=rounds, batch=batch, out_dir=out_dir)
+    cfg, fed = _configs(
+        clients, per_client=per_client, rounds=rounds, batch=batch, out_dir=out_dir, local_steps=local_steps
+    )
     with PeakMemory() as mem:
         t0 = time.time()
         summary = simulate(cfg, fed, num_supernodes=clients, num_cpus=1.0, ray_num_cpus=cores)
@@ -168,6 +180,11 @@ def run_one(
         "client_phase_seconds_median": clients_s,
         "ideal_round_seconds": ideal,
         "overhead_ratio": round_s / ideal,
+        "server_seconds_median": statistics.median(
+            [b - a for a, b in zip([r["seconds_clients"] for r in rows[:-1]], periods)] or [0.0]
+        ),
+        "flower_ray_seconds_median": max(clients_s - ideal, 0.0),
+        "rounds": len(rows),
         "total_seconds": total,
         "peak_rss_mb": mem.peak,
     }
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-client", type=int, default=600, help="examples per silo (MNIST subset)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--local-steps", type=int, default=0, help="Poisson steps per round (0 = one local epoch)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out-dir", default="runs/bench_sim")
     p.add_argument("--json", action="store_true")
@@ -187,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.clients, args.per_client, args.rounds = [2], 100, 2
-    t_step, local_steps = client_step_time(per_client=args.per_client, batch=args.batch_size)
+    t_step, local_steps = client_step_time(
+        per_client=args.per_client, batch=args.batch_size, local_steps=args.local_steps
+    )
     rows = []
     for n in args.clients:
         row = run_one(

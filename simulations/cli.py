@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"adadpigu: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of the run
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("adadpigu: interrupted", file=sys.stderr)
         return 130

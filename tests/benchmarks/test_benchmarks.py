@@ -44,9 +44,11 @@ def test_bench_comm_sparse_upload_is_r_times_dense():
         assert row["mask_bits_bytes"] == (0 if r == 1.0 else (row["parameters"] + 7) // 8)
 
 
-def test_bench_sim_smoke_produces_a_row(tmp_path):
+@pytest.mark.parametrize("local_steps", ["0", "1"])
+def test_bench_sim_smoke_produces_a_row(tmp_path, local_steps):
+    cmd = [sys.executable, "-m", "benchmarks.bench_sim", "--smoke", "--json", "--out-dir", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_sim", "--smoke", "--json", "--out-dir", str(tmp_path)],
+        cmd + ["--local-steps", local_steps],
         capture_output=True,
         text=True,
         timeout=600,
@@ -57,6 +59,9 @@ def test_bench_sim_smoke_produces_a_row(tmp_path):
     for key in ("clients", "round_seconds_median", "ideal_round_seconds", "overhead_ratio", "peak_rss_mb"):
         assert key in rows[0] and rows[0][key] > 0
     assert 0 < rows[0]["client_phase_seconds_median"] <= rows[0]["round_seconds_median"] * 1.5
+    assert rows[0]["server_seconds_median"] >= 0 and rows[0]["flower_ray_seconds_median"] >= 0
+    if local_steps == "1":
+        assert rows[0]["local_steps"] == 1
 
 
 def test_bench_accounting_smoke_rows_parse_and_match_the_accountant(tmp_path):
