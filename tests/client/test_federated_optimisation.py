@@ -172,10 +172,10 @@ def test_sweep_variants_are_combined_whole_with_the_grid(tmp_path):
         "[[variant]]\nnum-server-rounds = 30\n[[variant]]\nnum-server-rounds = 60\nserver-lr = 2.0\n"
     )
     cells = load_sweep(str(path)).cells()
-    assert cells == [
+    assert cells == [  # grid-major: complete pairs first when a sweep is cut short
         {"num-server-rounds": 30, "seed": 0},
-        {"num-server-rounds": 30, "seed": 1},
         {"num-server-rounds": 60, "server-lr": 2.0, "seed": 0},
+        {"num-server-rounds": 30, "seed": 1},
         {"num-server-rounds": 60, "server-lr": 2.0, "seed": 1},
     ]
     path.write_text("[sweep]\n[base]\n[grid]\nseed = [0]\n[[variant]]\nseed = 1\n")
