@@ -69,7 +69,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Accuracy of the global model on the silo's validation split (model selection)."""
+    """Validation metrics of the global model for model selection, released as the run says
+    (``validation-release``: noisy and accounted, or exact as an opt-out)."""
     cfg = _train_config(msg)
-    metrics = task.evaluate_round(cfg, msg.content[P.ARRAYS], context)
+    metrics = task.evaluate_round(cfg, msg.content[P.ARRAYS], context, msg.content[P.CONFIG])
     return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)

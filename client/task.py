@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -216,12 +217,41 @@ def train_round(
     return ArrayRecord(out), MetricRecord(metrics)
 
 
-def evaluate_round(cfg: TrainConfig, arrays: ArrayRecord, context: Context) -> MetricRecord:
+def evaluate_round(
+    cfg: TrainConfig, arrays: ArrayRecord, context: Context, round_cfg: ConfigRecord | None = None
+) -> MetricRecord:
+    """Validation metrics for model selection, released as the run says (docs/PRIVACY.md):
+    ``noisy``: the count of correct predictions plus Gaussian noise of std
+    ``validation-noise`` (sensitivity 1: one example changes the count by at most one),
+    charged to this client's own account first and refused past its target; ``exact``: the
+    un-noised accuracy and loss (the opt-out, outside the guarantee)."""
+    release = None if round_cfg is None else round_cfg.get(P.VALIDATION_RELEASE)
+    if release not in ("noisy", "exact"):  # never fall back to exact metrics silently
+        raise ValueError(f"evaluate message: validation-release must be 'noisy' or 'exact', got {release!r}")
     silo = get_silo(cfg, context)
     engine = get_engine(cfg, silo)
+    n = len(silo.validation)
+    if release == "noisy" and cfg.private:
+        sigma = float(round_cfg[P.VALIDATION_NOISE])
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise BudgetError(f"server asked for validation noise {sigma}")
+        server_round = int(round_cfg.get(P.SERVER_ROUND, 0))
+        durable = client_state.state_dir(cfg, context, str(round_cfg.get(P.RUN_KEY, "")))
+        client_state.restore(context, durable, silo.partition_id, server_round)
+        tracker = _client_tracker(cfg, context)
+        phase = Phase(sigma, 1.0, 1)
+        tracker.check(phase)  # before touching the validation data
+        _load_global(engine, arrays)
+        _, acc = evaluate(engine.model, silo.validation)
+        correct = float(round(float(np.nan_to_num(acc)) * n))
+        gen = make_generator(cfg.seed, "client", silo.partition_id, server_round, "validation")
+        noisy = correct + sigma * float(torch.randn((), generator=gen, dtype=torch.float64))
+        tracker.spend(phase)
+        _save_tracker(tracker, context)
+        client_state.save(context, durable, silo.partition_id, server_round)
+        return MetricRecord({P.NUM_EXAMPLES: max(n, 1), P.VAL_CORRECT_NOISY: noisy})
     _load_global(engine, arrays)
     loss, acc = evaluate(engine.model, silo.validation)
-    n = len(silo.validation)
     return MetricRecord(
         {
             P.NUM_EXAMPLES: max(n, 1),

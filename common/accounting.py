@@ -283,16 +283,15 @@ class PrivacyTracker:
         self.phases: list[Phase] = []
 
     def _merge(self, phase: Phase) -> list[Phase]:
-        """Append, merging with the last phase when the mechanism is identical."""
+        """Add ``phase``, merged into the phase of the identical mechanism (same sigma and q)
+        wherever it is: composition is commutative, and interleaved events (training rounds
+        and validation releases) then keep the list short instead of growing every round."""
         out = list(self.phases)
-        if (
-            out
-            and out[-1].noise_multiplier == phase.noise_multiplier
-            and out[-1].sample_rate == phase.sample_rate
-        ):
-            out[-1] = Phase(phase.noise_multiplier, phase.sample_rate, out[-1].steps + phase.steps)
-        else:
-            out.append(phase)
+        for i, p in enumerate(out):
+            if p.noise_multiplier == phase.noise_multiplier and p.sample_rate == phase.sample_rate:
+                out[i] = Phase(phase.noise_multiplier, phase.sample_rate, p.steps + phase.steps)
+                return out
+        out.append(phase)
         return out
 
     def epsilon(self, extra: Phase | None = None) -> float:

@@ -34,6 +34,10 @@ DEVICES = ("auto", "cpu", "cuda")
 PER_SAMPLE_BACKENDS = ("auto", "native", "hooks", "functorch")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "size-skew")
 CLIENT_OPTIMIZER_STATES = ("keep", "reset")
+# what leaves a silo for model selection (docs/PRIVACY.md): nothing (the last round's model is
+# released), its correct-prediction count with accounted Gaussian noise, or exact metrics
+# (the opt-out: outside the DP guarantee, flagged in the run folder and the console)
+VALIDATION_RELEASES = ("none", "noisy", "exact")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")  # common.server_opt
 LR_SCHEDULES = ("constant", "cosine", "linear")  # common.server_opt.lr_factor
 
@@ -398,6 +402,10 @@ class FederatedConfig:
     client_optimizer_state: str = "keep"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    validation_release: str = "none"
+    # std of the Gaussian noise on a silo's count of correct validation predictions
+    # (sensitivity 1): validation-release = "noisy" charges Phase(validation-noise, 1, 1)
+    validation_noise: float = 30.0
     min_available_nodes: int = 1
     min_train_nodes: int = 1
     round_timeout: float = 600.0
@@ -425,6 +433,8 @@ class FederatedConfig:
         _number("local-epochs", self.local_epochs, lo=0.0, lo_open=True, hi=1e4)
         _number("fraction-train", self.fraction_train, lo=0.0, hi=1.0, lo_open=True)
         _number("fraction-evaluate", self.fraction_evaluate, lo=0.0, hi=1.0)
+        _choice("validation-release", self.validation_release, VALIDATION_RELEASES)
+        _number("validation-noise", self.validation_noise, lo=0.0, lo_open=True, hi=1e9)
         _number("min-available-nodes", self.min_available_nodes, lo=1, integer=True)
         _number("min-train-nodes", self.min_train_nodes, lo=1, integer=True)
         _number("round-timeout", self.round_timeout, lo=0.0, lo_open=True)
@@ -448,6 +458,14 @@ class FederatedConfig:
         _number("server-beta1", self.server_beta1, lo=0.0, hi=1.0, hi_open=True)
         _number("server-beta2", self.server_beta2, lo=0.0, hi=1.0, hi_open=True)
         _number("server-tau", self.server_tau, lo=0.0, lo_open=True)
+
+    def evaluation_rounds(self, rounds: int | None = None) -> list[int]:
+        """The rounds that ask clients for validation metrics (none when nothing is released)."""
+        if self.validation_release == "none" or self.fraction_evaluate <= 0:
+            return []
+        last = self.num_server_rounds if rounds is None else rounds
+        k = self.evaluate_interval
+        return [r for r in range(1, last + 1) if r % k == 0 or r == self.num_server_rounds or r == last]
 
     def _interval(self, k: int) -> int:
         return k if k > 0 else max(1, self.num_server_rounds // 50)
@@ -575,6 +593,8 @@ HELP: dict[str, str] = {
     "client-optimizer-state": "keep (momentum survives across rounds, in the client's own state) | reset",
     "fraction-train": "share of clients sampled per round (no amplification is claimed)",
     "fraction-evaluate": "share of clients asked for validation accuracy",
+    "validation-release": "none (release the last model; nothing else leaves a silo) | noisy (Gaussian on correct counts, accounted) | exact (opt-out: outside the DP guarantee)",
+    "validation-noise": "noisy validation: std of the Gaussian on each silo's correct-prediction count (sensitivity 1)",
     "min-available-nodes": "clients to wait for before starting",
     "min-train-nodes": "fewest valid updates for a round to count",
     "round-timeout": "seconds to wait for a round's replies",

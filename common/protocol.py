@@ -40,6 +40,9 @@ DP_SAMPLE_RATE = "dp-sample-rate"
 IMPORTANCE_STEPS = "importance-steps"
 VAL_ACCURACY = "val-accuracy"
 VAL_LOSS = "val-loss"
+VAL_CORRECT_NOISY = "val-correct-noisy"  # correct predictions + Gaussian noise (validation-release "noisy")
+VALIDATION_RELEASE = "validation-release"
+VALIDATION_NOISE = "validation-noise"
 
 PHASE_IMPORTANCE = "importance"
 PHASE_TRAIN = "train"

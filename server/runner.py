@@ -268,8 +268,14 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
     run.log_fn(
         f"[plan] {cfg.method} on {cfg.dataset}: {len(strategy.silos)} silos, {fed.num_server_rounds} rounds "
         f"({strategy.importance_rounds} importance), noise multiplier {sigmas}, target epsilon "
-        f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; run folder {run.run_dir}"
+        f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; model selection: "
+        f"{_selection_words(fed)}; run folder {run.run_dir}"
     )
+    if fed.validation_release == "exact" and cfg.private:
+        log(
+            WARNING,
+            "validation-release = 'exact': validation accuracy and loss leave the silos without noise, outside the DP guarantee",
+        )
 
 
 def _restore_progress(run: FederatedRun, ckpt: dict) -> None:
@@ -368,12 +374,12 @@ def _round_row(
     if rnd % fed.test_interval == 0 or last:
         test_loss, test_acc = evaluate(eval_model, run.test)
     val = None
-    if rnd % fed.evaluate_interval == 0 or last:
+    if fed.validation_release != "none" and (rnd % fed.evaluate_interval == 0 or last):
         eval_arrays = arrays if eval_model is strategy.model else ArrayRecord(eval_model.state_dict())
-        ev_replies = grid.send_and_receive(
-            strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid),
-            timeout=fed.round_timeout,
-        )
+        ev_messages = strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid)
+        if ev_messages and strategy.validation_phase() is not None:  # write-ahead, as for training
+            write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict(pending=True))
+        ev_replies = grid.send_and_receive(ev_messages, timeout=fed.round_timeout)
         val = strategy.aggregate_evaluate(rnd, ev_replies)
     eps = run.ledger.summary(s.name for s in strategy.silos.values())
     n_sent = max(int(agg_d.get("clients-sent", 0)), 1)
@@ -427,9 +433,22 @@ def _write_metrics(run: FederatedRun) -> None:
 # ----- finish ---------------------------------------------------------------------------
 
 
+def _selection_words(fed: FederatedConfig) -> str:
+    """How the released model is chosen, in the words the run folder and console use."""
+    return {
+        "none": "the last round's model (no validation metrics leave the silos)",
+        "noisy": f"best noisy validation accuracy (Gaussian std {fed.validation_noise:g} on counts, in the ledger)",
+        "exact": "best EXACT validation accuracy: released without noise, OUTSIDE the DP guarantee (opt-out)",
+    }[fed.validation_release]
+
+
 def finish(run: FederatedRun, stop_reason: str) -> dict:
     """The best model on validation, the final files and ``summary.json``."""
     cfg, strategy, ledger, rows, best = run.cfg, run.strategy, run.ledger, run.rows, run.best
+    if run.fed.validation_release == "none" and len(rows) > 1:
+        # nothing left the silos for selection: the released model is the last round's
+        run.best = best = {"round": rows[-1]["round"], "val_accuracy": None}
+        run.best_state = copy.deepcopy(strategy.evaluation_model().state_dict())
     if len(rows) > 1 and math.isnan(rows[-1]["test_accuracy"]):  # stopped between test rounds
         final = strategy.evaluation_model()
         rows[-1]["test_loss"], rows[-1]["test_accuracy"] = evaluate(final, run.test)
@@ -457,6 +476,8 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
         "rejected_updates": len(
             [r for r in strategy.rejections if not r["reason"].startswith("client error")]
         ),
+        "validation_release": run.fed.validation_release,
+        "model_selection": _selection_words(run.fed),
         "seed": cfg.seed if cfg.seeded else None,
         "seconds": time.time() - run.t0,
         "run_dir": run.run_dir,

@@ -34,7 +34,7 @@ from common import protocol as P
 from common.accounting import Phase, calibrate_noise
 from common.config import FederatedConfig, TrainConfig
 from common.engine import derive_seed
-from common.errors import UserError
+from common.errors import BudgetError, UserError
 from common.federated import ClientPlan, aggregate_sparse
 from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule, importance_scores, pack_mask
 from common.models import ParameterEMA, flat_parameters, load_flat_parameters
@@ -159,6 +159,8 @@ class AdaDPIGUStrategy(FedAvg):
         # reserve-rounds: budget for rounds that an interruption may cost (a round in flight
         # when the server dies stays charged and is run again), so the plan still completes
         rounds = self.fed.num_server_rounds + self.fed.reserve_rounds
+        # noisy validation: every planned release is charged too (a Gaussian on a count)
+        fixed = tuple(p for p in [self.validation_phase(len(self.fed.evaluation_rounds(rounds)))] if p)
         for silo in self.silos.values():
             key = (silo.plan.sample_rate, silo.plan.local_steps)
             if key not in cache:
@@ -171,8 +173,15 @@ class AdaDPIGUStrategy(FedAvg):
                         silo.plan.sample_rate,
                         silo.plan.local_steps * rounds,
                         accountant=self.cfg.accountant,
+                        fixed_phases=fixed,
                     )
             silo.noise_multiplier = cache[key]
+
+    def validation_phase(self, releases: int = 1) -> Phase | None:
+        """The DP event of ``releases`` noisy validation releases (None when none are charged)."""
+        if self.fed.validation_release != "noisy" or not self.cfg.private or releases <= 0:
+            return None
+        return Phase(self.fed.validation_noise, 1.0, releases)
 
     # ----- schedule ----------------------------------------------------------------------
     def phase_of(self, server_round: int) -> str:
@@ -488,13 +497,43 @@ class AdaDPIGUStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        if self.fed.fraction_evaluate <= 0:
+        """Ask for validation metrics (``validation-release`` noisy or exact). A noisy release
+        is charged to each asked silo's ledger before it is sent; silos it would take past
+        the target are not asked."""
+        if self.fed.fraction_evaluate <= 0 or self.fed.validation_release == "none":
             return []
         try:
             nodes = self.sample(grid, self.fed.fraction_evaluate, 1)
         except RoundError:
             return []
-        rc = ConfigRecord({P.SERVER_ROUND: server_round, P.TRAIN_CONFIG: self.train_config_json})
+        phase = self.validation_phase()
+        if phase is not None:
+            allowed = []
+            for n in nodes:
+                try:
+                    self.ledger.check_round({self.silos[n].name: phase})
+                    allowed.append(n)
+                except BudgetError as exc:
+                    log(
+                        WARNING,
+                        "round %d: %s not asked for validation: %s",
+                        server_round,
+                        self.silos[n].name,
+                        exc,
+                    )
+            nodes = allowed
+            for n in nodes:
+                self.ledger.record(self.silos[n].name, server_round, phase)
+        release = "noisy" if phase is not None else "exact"
+        rc = ConfigRecord(
+            {
+                P.SERVER_ROUND: server_round,
+                P.TRAIN_CONFIG: self.train_config_json,
+                P.VALIDATION_RELEASE: release,
+                P.VALIDATION_NOISE: float(self.fed.validation_noise),
+                P.RUN_KEY: self.run_key,
+            }
+        )
         return [
             Message(
                 RecordDict({P.ARRAYS: arrays, P.CONFIG: rc}),
@@ -506,7 +545,7 @@ class AdaDPIGUStrategy(FedAvg):
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        total, acc, loss = 0.0, 0.0, 0.0
+        total, acc, loss, correct_noisy = 0.0, 0.0, 0.0, 0.0
         for msg in replies:
             if msg.has_error():
                 log(
@@ -518,6 +557,13 @@ class AdaDPIGUStrategy(FedAvg):
                 )
                 continue
             m = msg.content.metric_records.get(P.METRICS)
+            if m is not None and P.VAL_CORRECT_NOISY in m and P.NUM_EXAMPLES in m:
+                # noisy release: sum the noisy counts (the mean of noisy ratios would weight noise)
+                w, c = float(m[P.NUM_EXAMPLES]), float(m[P.VAL_CORRECT_NOISY])
+                if w > 0 and math.isfinite(c):
+                    total += w
+                    correct_noisy += c
+                continue
             if m is None or P.VAL_ACCURACY not in m or P.NUM_EXAMPLES not in m:
                 continue
             w = float(m[P.NUM_EXAMPLES])
@@ -529,6 +575,9 @@ class AdaDPIGUStrategy(FedAvg):
             loss += w * lo
         if total == 0:
             return None
+        if self.validation_phase() is not None:  # noisy counts: accuracy only, no loss released
+            value = min(max(correct_noisy / total, 0.0), 1.0)
+            return MetricRecord({P.VAL_ACCURACY: value, P.VAL_LOSS: math.nan, "num-examples": int(total)})
         return MetricRecord(
             {P.VAL_ACCURACY: acc / total, P.VAL_LOSS: loss / total, "num-examples": int(total)}
         )

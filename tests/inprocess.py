@@ -80,7 +80,10 @@ class InProcessGrid:
 
 
 def small_run_configs(out_dir, data_dir, *, epsilon, rounds, train_subset, seed, min_train=3, **fed_kw):
-    """A 3-silo AdaDPIGU run on an MNIST subset that takes seconds per round."""
+    """A 3-silo AdaDPIGU run on an MNIST subset that takes seconds per round. Validation
+    metrics are exact (the opt-out) unless ``validation_release`` says otherwise: these runs
+    test rounds, faults and resume; tests/server/test_validation_release.py the releases."""
+    fed_kw.setdefault("validation_release", "exact")
     cfg = TrainConfig(
         method="adadpigu",
         epsilon=epsilon,
