@@ -44,13 +44,15 @@ def _parse_train_config(text: str) -> TrainConfig:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report the silo's sizes (public metadata used for weights and the DP plan)."""
+    """Report the silo's sizes for weights and the DP plan: declared, public sizes checked
+    against the data (or the exact counts when the run opted out, ``silo-sizes``)."""
     cfg = _train_config(msg)
     silo = task.get_silo(cfg, context)
+    n_train, n_val = task.released_sizes(cfg, silo, context)
     metrics = MetricRecord(
         {
-            P.NUM_EXAMPLES: len(silo.train),
-            P.NUM_VAL_EXAMPLES: len(silo.validation),
+            P.NUM_EXAMPLES: n_train,
+            P.NUM_VAL_EXAMPLES: n_val,
             P.PARTITION_ID: silo.partition_id,
             P.NUM_PARTITIONS: silo.num_partitions,
         }

@@ -17,7 +17,7 @@ from common.config import DEFAULT_DATA_DIR_ENV, TrainConfig
 from common.data import TensorData
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
-from common.federated import load_silo, local_round, sparse_encode
+from common.federated import check_declared_size, declared_sizes, load_silo, local_round, sparse_encode
 from common.masks import unpack_mask
 from common.models import build_model_for
 
@@ -69,6 +69,18 @@ def get_silo(cfg: TrainConfig, context: Context) -> Silo:
         train, val = load_silo(cfg, pid, nparts, data_dir=data_dir)
         _SILOS[key] = Silo(pid, nparts, train, val)
     return _SILOS[key]
+
+
+def released_sizes(cfg: TrainConfig, silo: Silo, context: Context) -> tuple[int, int]:
+    """(training, validation) sizes this silo tells the server (weights, q, validation
+    denominators): its declared, public sizes after checking them against the data, or the
+    exact counts when the run opted out (``silo-sizes = "exact"``)."""
+    if cfg.silo_sizes == "exact":
+        return len(silo.train), len(silo.validation)
+    node_declared = int(context.node_config.get("declared-size", 0) or 0)
+    n_train, n_val = declared_sizes(cfg, silo.num_partitions, node_declared)
+    check_declared_size(cfg, len(silo.train) + len(silo.validation), n_train + n_val)
+    return n_train, n_val
 
 
 def _device() -> torch.device:
@@ -203,7 +215,7 @@ def train_round(
 
     out = {P.UPDATE: Array(sparse_encode(result.delta, mask))}
     metrics = {
-        P.NUM_EXAMPLES: len(silo.train),
+        P.NUM_EXAMPLES: released_sizes(cfg, silo, context)[0],
         P.PARTITION_ID: silo.partition_id,
         P.DP_STEPS: steps if cfg.private else 0,
         P.DP_NOISE_MULTIPLIER: sigma,
@@ -230,7 +242,7 @@ def evaluate_round(
         raise ValueError(f"evaluate message: validation-release must be 'noisy' or 'exact', got {release!r}")
     silo = get_silo(cfg, context)
     engine = get_engine(cfg, silo)
-    n = len(silo.validation)
+    n = released_sizes(cfg, silo, context)[1]
     if release == "noisy" and cfg.private:
         sigma = float(round_cfg[P.VALIDATION_NOISE])
         if not (sigma > 0 and math.isfinite(sigma)):

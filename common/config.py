@@ -38,6 +38,7 @@ CLIENT_OPTIMIZER_STATES = ("keep", "reset")
 # released), its correct-prediction count with accounted Gaussian noise, or exact metrics
 # (the opt-out: outside the DP guarantee, flagged in the run folder and the console)
 VALIDATION_RELEASES = ("none", "noisy", "exact")
+SILO_SIZES = ("declared", "exact")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")  # common.server_opt
 LR_SCHEDULES = ("constant", "cosine", "linear")  # common.server_opt.lr_factor
 
@@ -171,6 +172,13 @@ class TrainConfig:
     alpha: float = 0.5
     classes_per_silo: int = 2
     min_silo_size: int = 10
+    # what a silo tells the server about its size (aggregation weights, q = B / n): a public
+    # "declared" size (node config declared-size, else declared-silo-size, else the IID share
+    # of the public dataset size), checked locally within silo-size-tolerance; or the
+    # "exact" counts (the opt-out: a release outside the DP guarantee, flagged)
+    silo_sizes: str = "declared"
+    declared_silo_size: int = 0
+    silo_size_tolerance: float = 0.25
     # execution
     seed: int = -1
     device: str = "auto"
@@ -242,6 +250,9 @@ class TrainConfig:
         _number("alpha", self.alpha, lo=0.0, lo_open=True)
         _number("classes-per-silo", self.classes_per_silo, lo=1, integer=True)
         _number("min-silo-size", self.min_silo_size, lo=1, integer=True)
+        _choice("silo-sizes", self.silo_sizes, SILO_SIZES)
+        _number("declared-silo-size", self.declared_silo_size, lo=0, hi=10**9, integer=True)
+        _number("silo-size-tolerance", self.silo_size_tolerance, lo=0.0, hi=10.0)
         _number("seed", self.seed, lo=-1, integer=True)
         _number("max-physical-batch", self.max_physical_batch, lo=1, integer=True)
         if not isinstance(self.data_dir, str) or not self.data_dir:
@@ -581,6 +592,9 @@ HELP: dict[str, str] = {
     "alpha": "Dirichlet concentration (smaller = more label skew)",
     "classes-per-silo": "pathological split: classes per silo",
     "min-silo-size": "dirichlet / size-skew: smallest silo",
+    "silo-sizes": "declared (public sizes for weights and q, checked locally) | exact (opt-out: counts leave the silo, outside the guarantee)",
+    "declared-silo-size": "records per silo that silos declare (0 = the dataset's size / silos; a node's declared-size wins)",
+    "silo-size-tolerance": "a silo refuses to run when its records differ from its declared size by more than this fraction",
     "seed": "-1 = OS randomness (real releases); >= 0 reproducible, for experiments only",
     "device": "auto | cpu | cuda",
     "per-sample-backend": "auto | native | hooks | functorch",

@@ -101,6 +101,37 @@ def load_silo(
     return shard.subset(train_idx), shard.subset(val_idx)
 
 
+def public_dataset_size(cfg: TrainConfig) -> int:
+    """Training records of the run's dataset as anyone can know them (no data read)."""
+    from common.datafiles import EXPECTED_SIZE
+
+    full = EXPECTED_SIZE[True][cfg.dataset]
+    return min(cfg.train_subset, full) if cfg.train_subset > 0 else full
+
+
+def declared_sizes(cfg: TrainConfig, num_partitions: int, node_declared: int = 0) -> tuple[int, int]:
+    """(training, validation) sizes a silo releases under ``silo-sizes = "declared"``: from
+    its declared record count (the node's ``declared-size``, else ``declared-silo-size``,
+    else the IID share of the public dataset size), split like the data."""
+    total = int(node_declared or cfg.declared_silo_size or public_dataset_size(cfg) // max(num_partitions, 1))
+    if total < 2:
+        raise ConfigError("declared-silo-size", total, "a silo must declare at least 2 records")
+    n_val = int(round(total * cfg.validation_fraction))
+    return total - n_val, n_val
+
+
+def check_declared_size(cfg: TrainConfig, actual: int, declared_total: int) -> None:
+    """Refuse to run when the silo's real record count is off its declaration by more than
+    ``silo-size-tolerance``. The message names neither count: it may reach the server."""
+    if abs(actual - declared_total) > cfg.silo_size_tolerance * declared_total:
+        raise DataError(
+            "this silo's number of records differs from its declared size by more than "
+            f"silo-size-tolerance ({cfg.silo_size_tolerance:g}); declare the silo's size "
+            "(node config declared-size, or declared-silo-size) or run with silo-sizes = "
+            "'exact' (the counts then leave the silo, outside the DP guarantee)"
+        )
+
+
 def check_silo_plans(
     cfg: TrainConfig, fed: FederatedConfig, num_partitions: int, *, data_dir: str | None = None
 ) -> list[ClientPlan]:
@@ -115,6 +146,12 @@ def check_silo_plans(
         if len(idx) < 2:
             raise DataError(f"silo {pid} has {len(idx)} examples; it needs at least 2")
         n_train = len(train_validation_split(len(idx), cfg.validation_fraction, seed=pid)[0])
+        if cfg.silo_sizes == "declared":  # the simulation's silos declare no size of their own
+            n_train = declared_sizes(cfg, num_partitions)[0]
+            try:
+                check_declared_size(cfg, len(idx), sum(declared_sizes(cfg, num_partitions)))
+            except DataError as exc:
+                raise DataError(f"silo {pid}: {exc}") from None
         try:
             plans.append(ClientPlan.for_silo(cfg, fed, n_train))
         except ConfigError as exc:

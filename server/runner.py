@@ -269,8 +269,15 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
         f"[plan] {cfg.method} on {cfg.dataset}: {len(strategy.silos)} silos, {fed.num_server_rounds} rounds "
         f"({strategy.importance_rounds} importance), noise multiplier {sigmas}, target epsilon "
         f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; model selection: "
-        f"{_selection_words(fed)}; run folder {run.run_dir}"
+        f"{_selection_words(fed)}; silo sizes: "
+        f"{'declared (public)' if cfg.silo_sizes == 'declared' else 'EXACT counts, outside the DP guarantee (opt-out)'}; "
+        f"run folder {run.run_dir}"
     )
+    if cfg.silo_sizes == "exact" and cfg.private:
+        log(
+            WARNING,
+            "silo-sizes = 'exact': the silos' exact example counts leave them, outside the DP guarantee",
+        )
     if fed.validation_release == "exact" and cfg.private:
         log(
             WARNING,
@@ -477,6 +484,7 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
             [r for r in strategy.rejections if not r["reason"].startswith("client error")]
         ),
         "validation_release": run.fed.validation_release,
+        "silo_sizes": cfg.silo_sizes,
         "model_selection": _selection_words(run.fed),
         "seed": cfg.seed if cfg.seeded else None,
         "seconds": time.time() - run.t0,
