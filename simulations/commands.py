@@ -135,12 +135,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from simulations.sweep import collect, paired_difference
 
-    rows = collect(args.dir)
+    rows = [row for d in args.dir for row in collect(d)]
+    where = " ".join(args.dir)
     if not rows:
-        raise UserError(f"no finished runs (summary.json) under {args.dir}")
-    res = paired_difference(rows, by=args.by, a=args.a, b=args.b, pair="seed")
+        raise UserError(f"no finished runs (summary.json) under {where}")
+    pair_on = [k.strip() for k in args.pair_on.split(",") if k.strip()] if args.pair_on else None
+    res = paired_difference(rows, by=args.by, a=args.a, b=args.b, pair_on=pair_on)
     if res["pairs"] == 0:
-        raise UserError(f"no pair of runs under {args.dir} differs only in {args.by} ({args.a} vs {args.b})")
+        what = f"pair on {', '.join(pair_on)}" if pair_on else f"differ only in {args.by}"
+        raise UserError(f"no two runs under {where} {what} ({args.a} vs {args.b})")
     if args.json:
         print(json.dumps(res))
         return 0
@@ -180,10 +183,19 @@ def register(sub, add_config_flags, config_from_args) -> None:
         "compare",
         help="paired difference of two values of a setting (e.g. methods) over seeds, with a 95% interval",
     )
-    p.add_argument("dir")
+    p.add_argument("dir", nargs="+", help="one or more folders of finished runs")
     p.add_argument("--by", default="method", help="the setting that differs (default: method)")
-    p.add_argument("--a", default="adadpigu", help="first value (default: adadpigu)")
-    p.add_argument("--b", default="dpsgd", help="second value (default: dpsgd)")
+    p.add_argument(
+        "--a",
+        default="adadpigu",
+        help="first side: a value of --by, or key=value[,key=value] (default: adadpigu)",
+    )
+    p.add_argument("--b", default="dpsgd", help="second side, as --a (default: dpsgd)")
+    p.add_argument(
+        "--pair-on",
+        default=None,
+        help="pair runs on these settings only, e.g. seed (default: every setting but the sides')",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_compare)
 

@@ -34,7 +34,7 @@ import statistics
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from common.config import FederatedConfig, TrainConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
@@ -256,19 +256,62 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.052, 2.048, 2.045, 2.042]  # fmt: skip
 
 
+def _setting_default(key: str):
+    """Today's default of a setting, for runs made before the setting existed."""
+    from common.config import FederatedConfig, TrainConfig
+
+    name = key.replace("-", "_")
+    for cls in (TrainConfig, FederatedConfig):
+        for f in fields(cls):
+            if f.name == name and f.default is not MISSING:
+                return f.default
+    return None
+
+
+def _matches(row: dict, selector: dict[str, str]) -> bool:
+    """``selector`` (setting -> value, as text) holds for ``row``; a setting the run
+    predates counts as today's default (e.g. mask-refresh 0 for runs before it existed)."""
+    return all(str(row.get(k, _setting_default(k))) == v for k, v in selector.items())
+
+
 def paired_difference(
-    rows: list[dict], *, by: str, a: str, b: str, pair: str = "seed", metric: str = "test_accuracy_best_val"
+    rows: list[dict],
+    *,
+    by: str,
+    a: str,
+    b: str,
+    pair_on: list[str] | None = None,
+    metric: str = "test_accuracy_best_val",
 ) -> dict:
-    """Mean of ``metric``(by=a) - ``metric``(by=b) over runs paired on ``pair`` (same seed,
-    same other settings), with a two-sided 95% t-interval; pairs missing either side are left out."""
-    side: dict[str, dict[tuple, float]] = {a: {}, b: {}}
+    """Mean of ``metric``(side a) - ``metric``(side b) over runs paired on ``pair_on``
+    (default: every other setting, i.e. runs that differ only in ``by``), with a two-sided
+    95% t-interval; pairs missing either side are left out.
+
+    A side is a value of ``by`` or, when it contains "=", a selector
+    ``"key=value,key=value"`` (e.g. ``method=adadpigu,mask-refresh=5`` against
+    ``method=dpsgd`` paired on ``seed``)."""
+    sel = {
+        name: dict(item.split("=", 1) for item in value.split(",")) if "=" in value else {by: value}
+        for name, value in (("a", a), ("b", b))
+    }
+    skip = set(_RUN_ONLY) | {k for s_ in sel.values() for k in s_}
+    side: dict[str, dict[tuple, float]] = {"a": {}, "b": {}}
+    ambiguous = False
     for r in rows:
-        which = str(r.get(by))
-        if which in side and r.get(metric) is not None:
-            key = tuple(sorted((k, str(v)) for k, v in r.items() if k not in _RUN_ONLY and k != by))
-            side[which][key] = float(r[metric])
-    keys = sorted(set(side[a]) & set(side[b]))
-    diffs = [side[a][k] - side[b][k] for k in keys]
+        if r.get(metric) is None:
+            continue
+        for name in ("a", "b"):
+            if _matches(r, sel[name]):
+                keys = pair_on if pair_on else [k for k in r if k not in skip]
+                key = tuple(sorted((k, str(r.get(k))) for k in keys))
+                ambiguous |= key in side[name]
+                side[name][key] = float(r[metric])
+    if ambiguous:
+        raise UserError(
+            "more than one run per pair on one side: narrow the sides (key=value selectors) or pair on more settings"
+        )
+    keys = sorted(set(side["a"]) & set(side["b"]))
+    diffs = [side["a"][k] - side["b"][k] for k in keys]
     out = {"pairs": len(diffs), "a": a, "b": b, "metric": metric, "differences": diffs}
     if len(diffs) >= 2:
         mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)

@@ -119,3 +119,22 @@ def test_paired_difference_and_its_95_interval():
     sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
     assert res["mean"] == pytest.approx(mean)
     assert res["ci95"] == pytest.approx((mean - 4.303 * sd / 3**0.5, mean + 4.303 * sd / 3**0.5))
+
+
+def test_paired_difference_with_selectors_across_runs_made_before_a_setting_existed():
+    """Sides as key=value selectors, paired on the seed only: a dynamic-mask run against a
+    DP-SGD run made before mask-refresh existed (its absent setting reads as the default)."""
+    from common.errors import UserError
+    from simulations.sweep import paired_difference
+
+    old = [{"method": m, "seed": s, "test_accuracy_best_val": acc} for m, s, acc in
+           [("dpsgd", 0, 0.97), ("dpsgd", 1, 0.96), ("adadpigu", 0, 0.95), ("adadpigu", 1, 0.94)]]  # fmt: skip
+    new = [{"method": "adadpigu", "mask-refresh": 5, "test-every": 0, "seed": s, "test_accuracy_best_val": acc}
+           for s, acc in [(0, 0.98), (1, 0.965)]]  # fmt: skip
+    res = paired_difference(old + new, by="method", a="method=adadpigu,mask-refresh=5", b="method=dpsgd",
+                            pair_on=["seed"])  # fmt: skip
+    assert res["pairs"] == 2 and res["differences"] == pytest.approx([0.01, 0.005])
+    static = paired_difference(old + new, by="mask-refresh", a="5", b="0", pair_on=["seed", "method"])
+    assert static["differences"] == pytest.approx([0.03, 0.025])  # old adadpigu runs are mask-refresh 0
+    with pytest.raises(UserError, match="more than one run per pair"):
+        paired_difference(old + new, by="method", a="adadpigu", b="dpsgd", pair_on=["seed"])
