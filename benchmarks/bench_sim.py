@@ -29,8 +29,8 @@ import time
 import torch
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Summed RSS of ``root`` and its descendants (Linux /proc)."""
+def _tree(root: int) -> tuple[list[int], dict[int, int]]:
+    """``root`` and its descendants, and every process's RSS in pages (Linux /proc)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -44,23 +44,48 @@ def _tree_rss_mb(root: int) -> float:
             continue
         children.setdefault(ppid, []).append(int(entry))
         rss[int(entry)] = pages
-    total, stack = 0, [root]
+    tree, stack = [], [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        tree.append(pid)
         stack.extend(children.get(pid, []))
-    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return tree, rss
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (torch's libraries in every worker, Ray's shared
+    object store) divided among the processes sharing them, so sums do not double count."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _tree_memory_mb(root: int) -> tuple[float, float]:
+    """(summed RSS, summed PSS) of ``root`` and its descendants, in MB."""
+    tree, rss = _tree(root)
+    page = os.sysconf("SC_PAGE_SIZE")
+    return sum(rss.get(p, 0) for p in tree) * page / 2**20, sum(_pss_kb(p) for p in tree) / 1024
 
 
 class PeakMemory:
+    """Peak summed RSS (counts shared pages once per process) and peak summed PSS (what the
+    processes together occupy) of this process tree, sampled every 0.2 s."""
+
     def __init__(self) -> None:
         self.peak = 0.0
+        self.peak_pss = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+            rss, pss = _tree_memory_mb(os.getpid())
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(0.2)
 
     def __enter__(self) -> PeakMemory:
@@ -187,6 +212,7 @@ def run_one(
         "rounds": len(rows),
         "total_seconds": total,
         "peak_rss_mb": mem.peak,
+        "peak_pss_mb": mem.peak_pss,
     }
 
 
@@ -225,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(row)
             if args.json
             else f"{n:4d} clients: {row['round_seconds_median']:.2f} s/round vs ideal {row['ideal_round_seconds']:.2f} s "
-            f"(x{row['overhead_ratio']:.2f}), peak {row['peak_rss_mb']:.0f} MB",
+            f"(x{row['overhead_ratio']:.2f}), peak {row['peak_rss_mb']:.0f} MB RSS, {row['peak_pss_mb']:.0f} MB PSS",
             flush=True,
         )
     if args.out:

@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 
 import numpy as np
 import torch
@@ -87,18 +88,62 @@ def aggregate_sparse(
 def load_silo(
     cfg: TrainConfig, partition_id: int, num_partitions: int, *, data_dir: str | None = None
 ) -> tuple[TensorData, TensorData]:
-    """(train, validation) data of one silo."""
+    """(train, validation) data of one silo: views into the process's one silo-ordered copy
+    of the dataset (:func:`_silo_layout`), so that a worker serving many silos holds the
+    data once, not once whole and once more in shards."""
     if not (0 <= partition_id < num_partitions):
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    full = take_subset(load_dataset(cfg.dataset, data_dir or cfg.data_dir, True), cfg.train_subset)
+    data, spans = _silo_layout(_layout_key(cfg, num_partitions, data_dir or cfg.data_dir))
+    start, n_train, n_val = spans[partition_id]
+    if n_train + n_val < 2:
+        raise DataError(f"silo {partition_id} has {n_train + n_val} examples; it needs at least 2")
+    end = start + n_train
+    return (
+        TensorData(data.x[start:end], data.y[start:end]),
+        TensorData(data.x[end : end + n_val], data.y[end : end + n_val]),
+    )
+
+
+def _layout_key(cfg: TrainConfig, num_partitions: int, data_dir: str) -> tuple:
+    """Everything the silos' data depend on (and nothing else, so a new learning rate does
+    not rebuild it)."""
+    part = cfg.replace(
+        **{f.name: f.default for f in fields(TrainConfig) if f.name in _NOT_DATA and f.default is not MISSING}
+    )
+    return (part, num_partitions, data_dir)
+
+
+# settings that do not change which examples a silo holds
+_NOT_DATA = {
+    "method", "model", "activation", "epsilon", "delta", "accountant", "noise_multiplier",
+    "pretrain_noise_multiplier", "batch_size", "sample_rate", "clip_norm", "optimizer", "lr", "momentum",
+    "lr_schedule", "ema_decay", "augmult", "epochs", "pretrain_fraction", "r0", "r_max", "schedule",
+    "mask_scope", "mask_refresh", "importance", "beta1", "beta2", "h1", "h2", "scale_rule", "test_subset",
+    "silo_sizes", "declared_silo_size", "silo_size_tolerance", "device", "per_sample_backend",
+    "max_physical_batch", "out_dir",
+}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _silo_layout(key: tuple) -> tuple[TensorData, list[tuple[int, int, int]]]:
+    """One copy of the training data ordered silo by silo, each silo's training examples
+    then its validation examples (each in index order, exactly as before), and every silo's
+    (start, n_train, n_val). The whole dataset read for it is not kept."""
     from common.partition import partition_indices
 
-    parts = partition_indices(full.y, num_partitions, cfg)
-    shard = full.subset(parts[partition_id])
-    if len(shard) < 2:
-        raise DataError(f"silo {partition_id} has {len(shard)} examples; it needs at least 2")
-    train_idx, val_idx = train_validation_split(len(shard), cfg.validation_fraction, seed=partition_id)
-    return shard.subset(train_idx), shard.subset(val_idx)
+    cfg, num_partitions, data_dir = key
+    full = take_subset(load_dataset.__wrapped__(cfg.dataset, data_dir, True), cfg.train_subset)
+    order, spans, start = [], [], 0
+    for pid, idx in enumerate(partition_indices(full.y, num_partitions, cfg)):
+        if len(idx) < 2:
+            spans.append((start, len(idx), 0))
+            continue
+        train_idx, val_idx = train_validation_split(len(idx), cfg.validation_fraction, seed=pid)
+        idx = torch.as_tensor(idx)
+        order += [idx[train_idx], idx[val_idx]]
+        spans.append((start, len(train_idx), len(val_idx)))
+        start += len(idx)
+    return full.subset(torch.cat(order)) if order else full, spans
 
 
 def public_dataset_size(cfg: TrainConfig) -> int:
@@ -140,7 +185,10 @@ def check_silo_plans(
     the same message as on the centralized path, not after the clients have started."""
     from common.partition import partition_indices
 
-    full = take_subset(load_dataset(cfg.dataset, data_dir or cfg.data_dir, True), cfg.train_subset)
+    # read uncached: the driver of a simulation must not hold the training set for the run
+    full = take_subset(
+        load_dataset.__wrapped__(cfg.dataset, data_dir or cfg.data_dir, True), cfg.train_subset
+    )
     plans = []
     for pid, idx in enumerate(partition_indices(full.y, num_partitions, cfg)):
         if len(idx) < 2:

@@ -60,6 +60,7 @@ def test_bench_sim_smoke_produces_a_row(tmp_path, local_steps):
         assert key in rows[0] and rows[0][key] > 0
     assert 0 < rows[0]["client_phase_seconds_median"] <= rows[0]["round_seconds_median"] * 1.5
     assert rows[0]["server_seconds_median"] >= 0 and rows[0]["flower_ray_seconds_median"] >= 0
+    assert 0 < rows[0]["peak_pss_mb"] <= rows[0]["peak_rss_mb"]
     if local_steps == "1":
         assert rows[0]["local_steps"] == 1
 

@@ -51,3 +51,27 @@ def test_aggregation_equals_the_naive_weighted_average():
     assert torch.all(agg[~mask] == 0)
     with pytest.raises(ValueError, match="weights"):
         aggregate_sparse(updates, [0.0, 0.0, 0.0], mask, d)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_silos_are_views_of_one_copy_and_hold_exactly_their_examples(partitioner, data_dir):
+    """load_silo returns, in the same order, the examples of partition + split applied to
+    the dataset, as slices of one silo-ordered copy (a worker serving many silos holds the
+    data once)."""
+    from common.config import TrainConfig
+    from common.data import load_dataset, take_subset, train_validation_split
+    from common.federated import load_silo
+    from common.partition import partition_indices
+
+    cfg = TrainConfig(dataset="mnist", train_subset=3000, partitioner=partitioner, seed=3, data_dir=data_dir)
+    full = take_subset(load_dataset("mnist", data_dir, True), 3000)
+    parts = partition_indices(full.y, 5, cfg)
+    storages = set()
+    for pid in range(5):
+        shard = full.subset(parts[pid])
+        tr, va = train_validation_split(len(shard), cfg.validation_fraction, seed=pid)
+        train, val = load_silo(cfg, pid, 5)
+        assert torch.equal(train.x, shard.subset(tr).x) and torch.equal(train.y, shard.subset(tr).y)
+        assert torch.equal(val.x, shard.subset(va).x) and torch.equal(val.y, shard.subset(va).y)
+        storages |= {train.x.untyped_storage().data_ptr(), val.x.untyped_storage().data_ptr()}
+    assert len(storages) == 1
