@@ -356,6 +356,8 @@ class AdaDPIGUStrategy(FedAvg):
             return "update is exactly zero (impossible after Gaussian noise; a broken or idle client)", {}
         if norm > self.fed.max_update_norm:
             return f"update norm {norm:.3g} exceeds max-update-norm {self.fed.max_update_norm:g}", {}
+        if n_ex != sent.silo.n_train:  # the size the silo registered (declared, by default)
+            return f"num-examples {n_ex} differs from the size the silo registered ({sent.silo.n_train})", {}
         parsed = {"update": update, "weight": float(n_ex), "up_bytes": arrays.count_bytes()}
         if sent.phase_name == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
             for key in (P.IMPORTANCE_TOTAL, P.IMPORTANCE_NOISE_VAR):

@@ -136,6 +136,7 @@ def _train_round_messages():
         (lambda m, k: Message(RecordDict({}), reply_to=m), "lacks its 'arrays'"),
         (lambda m, k: train_reply(m, np.zeros(k, np.float32), n_examples=5), "exactly zero"),
         (lambda m, k: train_reply(m, np.full(k, 1e3, np.float32), n_examples=5), "exceeds max-update-norm"),
+        (lambda m, k: train_reply(m, np.ones(k, np.float32), n_examples=SIZES[33] + 1), "registered"),
     ],
 )
 def test_malformed_reply_is_rejected_and_counted(make_bad, reason):
