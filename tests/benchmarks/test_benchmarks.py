@@ -120,3 +120,16 @@ def test_bench_api_smoke(tmp_path):
     out = tmp_path / "api.json"
     assert bench_api.main(["--batch", "16", "--iters", "2", "--out", str(out)]) == 0
     assert json.load(open(out))["api_over_engine_dpsgd"] > 0
+
+
+def test_bench_deploy_smoke_produces_a_row(tmp_path):
+    """The deployment runtime's per-message cost (no timing threshold: a row that parses)."""
+    out = tmp_path / "deploy.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_deploy", "--smoke", "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert row["rounds"] == 2 and row["client_phase_seconds_median"] > row["compute_seconds_per_message"] > 0
+    assert json.load(open(out))["rows"][0]["silos"] == 2
