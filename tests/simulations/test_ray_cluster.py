@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 
 import pytest
 
@@ -26,11 +29,13 @@ def _free_port() -> int:
 def test_simulation_joins_a_two_node_ray_cluster(tmp_path, data_dir):
     ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     assert ray, "the `ray` command comes with flwr[simulation]"
+    tag = f"ray-cluster-{uuid.uuid4().hex}"  # inherited by every Ray daemon this test starts
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
         "FLWR_TELEMETRY_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
+        "ADADPIGU_TEST_TAG": tag,
     }
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     port, client_port = _free_port(), _free_port()
@@ -61,5 +66,42 @@ def test_simulation_joins_a_two_node_ray_cluster(tmp_path, data_dir):
         )
         assert bad.returncode != 0 and "ray-num-cpus" in bad.stderr.strip().splitlines()[-1]
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        # stop only this test's cluster: `ray stop` would end every Ray process on the machine
+        left = _stop_tagged(tag)
         shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"Ray processes of the test still running: {left}"
+
+
+def _tagged(tag: str) -> list[int]:
+    needle = f"ADADPIGU_TEST_TAG={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def _stop_tagged(tag: str) -> list[int]:
+    """SIGTERM, then SIGKILL, to every process carrying the tag; the ones still alive."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for pid in _tagged(tag):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        while _tagged_alive(tag) and time.time() < deadline:
+            time.sleep(0.2)
+    return _tagged_alive(tag)
+
+
+def _tagged_alive(tag: str) -> list[int]:
+    from simulations.processes import process_alive
+
+    return [p for p in _tagged(tag) if process_alive(p)]
