@@ -25,6 +25,7 @@ builds the same tables from any folder of run folders.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -197,6 +198,12 @@ def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[st
     else:
         from simulations.launcher import simulate
 
+        if os.path.exists(os.path.join(target, "checkpoint.pt")):
+            # a cell cut short (killed sweep, crashed Ray): continue its run rather than start
+            # afresh, which would charge the silos again (their own accounts remember the
+            # first attempt and refuse; the ledger would not)
+            log(f"{tag} resuming the cell's interrupted run")
+            fed = dataclasses.replace(fed, resume=target)
         summary = simulate(
             cfg, fed, num_supernodes=sweep.num_supernodes, num_cpus=sweep.num_cpus, run_dir=target
         )

@@ -138,3 +138,27 @@ def test_paired_difference_with_selectors_across_runs_made_before_a_setting_exis
     assert static["differences"] == pytest.approx([0.03, 0.025])  # old adadpigu runs are mask-refresh 0
     with pytest.raises(UserError, match="more than one run per pair"):
         paired_difference(old + new, by="method", a="adadpigu", b="dpsgd", pair_on=["seed"])
+
+
+def test_an_interrupted_federated_cell_is_resumed_not_restarted(tmp_path, monkeypatch):
+    """A federated cell whose folder holds a checkpoint (the sweep or Ray died mid-run) is
+    continued with resume: a fresh start would charge the silos a second time."""
+    import simulations.launcher as launcher
+    from simulations.sweep import Sweep, _run_cell
+
+    calls = []
+
+    def fake_simulate(cfg, fed, **kw):
+        calls.append(fed.resume)
+        return {"test_accuracy_best_val": 0.9}
+
+    monkeypatch.setattr(launcher, "simulate", fake_simulate)
+    sweep = Sweep(
+        name="s", mode="federated", out_dir=str(tmp_path), base={"method": "dpsgd"}, grid={"seed": [0]}
+    )
+    target = tmp_path / "cell"
+    target.mkdir()
+    _run_cell(sweep, {"seed": 0}, str(target), "[t]", lambda s: None)
+    (target / "checkpoint.pt").write_bytes(b"x")
+    _run_cell(sweep, {"seed": 0}, str(target), "[t]", lambda s: None)
+    assert calls == ["", str(target)]
