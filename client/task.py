@@ -255,7 +255,9 @@ def evaluate_round(
         tracker.check(phase)  # before touching the validation data
         _load_global(engine, arrays)
         _, acc = evaluate(engine.model, silo.validation)
-        correct = float(round(float(np.nan_to_num(acc)) * n))
+        # the count over the silo's real validation examples (sensitivity 1); scaling the
+        # accuracy by the declared size instead would change by up to n_declared / n_real
+        correct = float(round(float(np.nan_to_num(acc)) * len(silo.validation)))
         gen = make_generator(cfg.seed, "client", silo.partition_id, server_round, "validation")
         noisy = correct + sigma * float(torch.randn((), generator=gen, dtype=torch.float64))
         tracker.spend(phase)

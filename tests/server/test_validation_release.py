@@ -102,3 +102,21 @@ def test_exact_validation_is_an_opt_out_flagged_in_the_run_folder(tmp_path, data
 def test_a_client_refuses_an_evaluate_message_without_a_release_mode():
     with pytest.raises(ValueError, match="validation-release"):
         task.evaluate_round(None, None, None, None)  # checked before anything is read
+
+
+def test_the_noisy_count_is_over_the_real_validation_examples(tmp_path, data_dir, monkeypatch):
+    """Sensitivity 1 holds for the count of correct predictions on the examples the silo
+    holds, not for accuracy times a declared size: with the noise switched off and an
+    accuracy of one half, 60 real validation examples give 30, whatever is declared."""
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.zeros((), dtype=torch.float64))
+    monkeypatch.setattr(task, "evaluate", lambda model, data: (0.0, 0.5))
+    cfg, fed = small_run_configs(
+        tmp_path, data_dir, epsilon=4.0, rounds=2, train_subset=1800, seed=0, validation_release="noisy"
+    )
+    grid = RecordingGrid(3)
+    for ctx in grid.contexts.values():
+        ctx.node_config["declared-size"] = 700  # each silo holds 600 records (60 for validation)
+    run_federated(grid, cfg.replace(method="dpsgd"), fed, log_fn=lambda s: None)
+    assert grid.evaluation_metrics
+    assert all(m[P.VAL_CORRECT_NOISY] == 30.0 for m in grid.evaluation_metrics)
+    assert all(m[P.NUM_EXAMPLES] == 70 for m in grid.evaluation_metrics)  # the declared size is reported
