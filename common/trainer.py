@@ -184,6 +184,31 @@ class _CentralSteps:
         return result
 
 
+def _train_epoch(
+    engine: DPEngine, masks: _CentralSteps, data, step: int, steps: int, ema
+) -> tuple[int, float, float]:
+    """``steps`` steps of the plan from ``step`` (the EMA updated after each); (next step,
+    mean training loss, fraction of sampled examples clipped)."""
+    loss_sum, n_clipped, n_examples = 0.0, 0, 0
+    for _ in range(steps):
+        res = masks.step(engine, data, step)
+        step += 1
+        if ema is not None:
+            ema.update(flat_parameters(engine.model))
+        loss_sum += res.loss
+        n_clipped += res.clipped
+        n_examples += res.batch_size
+    return step, loss_sum / max(steps, 1), n_clipped / max(n_examples, 1)
+
+
+def _save_models(engine: DPEngine, final_state: dict, best_state: dict, test, run_dir: str) -> float:
+    """Write the final and best models; the best one's test accuracy (it stays loaded)."""
+    torch.save(final_state, os.path.join(run_dir, "final_model.pt"))
+    torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
+    engine.model.load_state_dict(best_state)
+    return evaluate(engine.model, test)[1]
+
+
 def _central_summary(
     cfg: TrainConfig, plan: Plan, tracker: PrivacyTracker, best: dict, best_test: float, final_test: float,
     t0: float, run_dir: str,
@@ -280,34 +305,17 @@ def train_centralized(
         engine.set_lr(cfg.lr * lr_factor(cfg.lr_schedule, epoch - 1, cfg.epochs))
         if cfg.private:
             _charge_epoch(tracker, plan, step)
-        loss_sum, n_batches, n_clipped, n_examples = 0.0, 0, 0, 0
-        for _ in range(plan.steps_per_epoch):
-            res = masks.step(engine, train_data, step)
-            step += 1
-            if ema is not None:
-                ema.update(flat_parameters(engine.model))
-            loss_sum += res.loss
-            n_batches += 1
-            n_clipped += res.clipped
-            n_examples += res.batch_size
+        step, train_loss, clipped = _train_epoch(engine, masks, train_data, step, plan.steps_per_epoch, ema)
         eval_model = engine.model if ema is None else ema.averaged(engine.model)
         val_loss, val_acc = evaluate(eval_model, splits.validation)
         test_loss, test_acc = evaluate(eval_model, splits.test)
         eps = tracker.epsilon() if cfg.private else math.inf
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "phase": "pretrain" if step <= plan.pretrain_steps else "train",
-            "train_loss": loss_sum / max(n_batches, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "test_accuracy": test_acc,
-            "test_loss": test_loss,
-            "epsilon": eps,
-            "active_ratio": engine.active_ratio,
-            "clipped_fraction": n_clipped / max(n_examples, 1),
-            "seconds": time.time() - t_epoch,
-        }
+        row = dict(
+            epoch=epoch, step=step, phase="pretrain" if step <= plan.pretrain_steps else "train",
+            train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc, test_accuracy=test_acc,
+            test_loss=test_loss, epsilon=eps, active_ratio=engine.active_ratio, clipped_fraction=clipped,
+            seconds=time.time() - t_epoch,
+        )  # fmt: skip
         metrics.append(row)
         if val_acc > best["val_accuracy"]:
             best = {"val_accuracy": val_acc, "epoch": epoch}
@@ -320,11 +328,8 @@ def train_centralized(
             f"clipped {row['clipped_fraction']:.2f} ({row['seconds']:.1f}s)"
         )
     final_state = copy.deepcopy(eval_model.state_dict())
-    torch.save(final_state, os.path.join(run_dir, "final_model.pt"))
-    torch.save(best_state, os.path.join(run_dir, "best_model.pt"))
+    best_test = _save_models(engine, final_state, best_state, splits.test, run_dir)
     final_test = metrics[-1]["test_accuracy"]
-    engine.model.load_state_dict(best_state)
-    _, best_test = evaluate(engine.model, splits.test)
     summary = _central_summary(cfg, plan, tracker, best, best_test, final_test, t0, run_dir)
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     log(

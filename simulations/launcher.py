@@ -10,24 +10,8 @@ from common.errors import ConfigError
 from common.federated import check_silo_plans
 
 
-def simulate(
-    cfg,
-    fed: FederatedConfig,
-    *,
-    num_supernodes: int,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    ray_num_cpus: int | None = None,
-    ray_address: str | None = None,
-    command: str | None = None,
-    run_dir: str | None = None,
-) -> dict | None:
-    """Run the federated system in Flower's simulation runtime (Ray backend) from Python.
-
-    ``ray_address`` ("HOST:PORT" of a head started with ``ray start --head``, or "auto")
-    joins an existing Ray cluster, whose nodes then run the clients: the project and the
-    data folder must be at the same paths on every node (README "More than one machine").
-    """
+def _check(cfg, fed: FederatedConfig, num_supernodes, num_cpus, num_gpus, ray_num_cpus, ray_address) -> None:
+    """Everything that can fail before Ray starts, with the same messages as elsewhere."""
     if ray_address is not None and ray_num_cpus is not None:
         raise ConfigError(
             "ray-num-cpus",
@@ -50,6 +34,27 @@ def simulate(
             max(fed.min_available_nodes, fed.min_train_nodes),
             f"cannot exceed num-supernodes ({num_supernodes})",
         )
+
+
+def simulate(
+    cfg,
+    fed: FederatedConfig,
+    *,
+    num_supernodes: int,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    ray_num_cpus: int | None = None,
+    ray_address: str | None = None,
+    command: str | None = None,
+    run_dir: str | None = None,
+) -> dict | None:
+    """Run the federated system in Flower's simulation runtime (Ray backend) from Python.
+
+    ``ray_address`` ("HOST:PORT" of a head started with ``ray start --head``, or "auto")
+    joins an existing Ray cluster, whose nodes then run the clients: the project and the
+    data folder must be at the same paths on every node (README "More than one machine").
+    """
+    _check(cfg, fed, num_supernodes, num_cpus, num_gpus, ray_num_cpus, ray_address)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray starts its workers at nice 15: next to any normal-priority process the clients

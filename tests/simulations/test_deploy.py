@@ -24,6 +24,7 @@ import pytest
 from common.errors import ConfigError, UserError
 from simulations import deploy
 from simulations.cli import main
+from tests.tagged import tagged_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,23 +44,6 @@ SMALL = {
 }
 
 
-def _tagged_processes(tag: str) -> list[int]:
-    """PIDs (other than ours) whose environment holds ADADPIGU_TEST_TAG=tag."""
-    needle = f"ADADPIGU_TEST_TAG={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in env and deploy.process_alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
 @pytest.fixture
 def tag(monkeypatch):
     value = uuid.uuid4().hex
@@ -73,7 +57,7 @@ def _assert_all_gone(pids, tag: str | None = None) -> None:
     alive = [p for p in pids if deploy.process_alive(p)]
     assert not alive, f"processes left behind: {alive}"
     if tag is not None and os.path.isdir("/proc"):
-        assert not _tagged_processes(tag), "a process started by the test is still running"
+        assert not tagged_processes(tag), "a process started by the test is still running"
 
 
 # ----- fast: validation before anything starts ---------------------------------------------

@@ -17,6 +17,8 @@ import uuid
 
 import pytest
 
+from tests.tagged import tagged_processes
+
 pytestmark = pytest.mark.slow
 
 
@@ -72,36 +74,15 @@ def test_simulation_joins_a_two_node_ray_cluster(tmp_path, data_dir):
     assert not left, f"Ray processes of the test still running: {left}"
 
 
-def _tagged(tag: str) -> list[int]:
-    needle = f"ADADPIGU_TEST_TAG={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 def _stop_tagged(tag: str) -> list[int]:
     """SIGTERM, then SIGKILL, to every process carrying the tag; the ones still alive."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        for pid in _tagged(tag):
+        for pid in tagged_processes(tag):
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
         deadline = time.time() + wait
-        while _tagged_alive(tag) and time.time() < deadline:
+        while tagged_processes(tag) and time.time() < deadline:
             time.sleep(0.2)
-    return _tagged_alive(tag)
-
-
-def _tagged_alive(tag: str) -> list[int]:
-    from simulations.processes import process_alive
-
-    return [p for p in _tagged(tag) if process_alive(p)]
+    return tagged_processes(tag)
