@@ -22,10 +22,10 @@ import functools
 import json
 
 import torch  # noqa: F401  (must be imported before ArrayRecord torch conversions in Ray actors)
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import task
+from client import secagg, task
 from common import protocol as P
 from common.config import TrainConfig
 
@@ -62,11 +62,33 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _train_config(msg)
     round_cfg: ConfigRecord = msg.content[P.CONFIG]
+    if P.SECAGG_STAGE in round_cfg:  # dp-noise = "distributed": a stage of secure aggregation
+        return Message(_secagg_stage(msg, context), reply_to=msg)
+    cfg = _train_config(msg)
     arrays: ArrayRecord = msg.content[P.ARRAYS]
     reply_arrays, metrics = task.train_round(cfg, round_cfg, arrays, context)
     return Message(RecordDict({P.ARRAYS: reply_arrays, P.METRICS: metrics}), reply_to=msg)
+
+
+def _secagg_stage(msg: Message, context: Context) -> RecordDict:
+    """Key set-up, key share, the round's masked share (its training), or unmask."""
+    rc: ConfigRecord = msg.content[P.CONFIG]
+    stage = str(rc[P.SECAGG_STAGE])
+    if stage == P.STAGE_KEYS_SETUP:
+        return RecordDict({P.CONFIG: secagg.keys_setup(rc, context, msg.metadata.dst_node_id)})
+    if stage == P.STAGE_KEYS_SHARE:
+        return RecordDict({P.CONFIG: secagg.keys_share(rc, context)})
+    if stage == P.STAGE_UNMASK:
+        return RecordDict({P.CONFIG: secagg.unmask(rc, context)})
+    if stage != P.STAGE_COLLECT:
+        raise ValueError(f"unknown secure-aggregation stage {stage!r}")
+    secagg.check_collect(rc, context)  # before any training: an instance is used once
+    share, metrics = task.distributed_share(
+        _train_config(msg), rc, msg.content[P.ARRAYS], context, msg.content.array_records.get(P.ADACLIP)
+    )
+    masked = secagg.mask_vector(rc, context, share)
+    return RecordDict({P.ARRAYS: ArrayRecord({P.UPDATE: Array(masked)}), P.METRICS: metrics})
 
 
 @app.evaluate()

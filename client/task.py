@@ -15,6 +15,7 @@ from common import protocol as P
 from common.accounting import Phase, PrivacyTracker
 from common.config import DEFAULT_DATA_DIR_ENV, TrainConfig
 from common.data import TensorData
+from common.distributed import LatticePlan, SecureRandom, noisy_share, rounding_bound_sq
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
 from common.federated import check_declared_size, declared_sizes, load_silo, local_round, sparse_encode
@@ -160,38 +161,97 @@ def _save_tracker(tracker: PrivacyTracker, context: Context) -> None:
 # ----- handlers' work ----------------------------------------------------------------------
 
 
-def train_round(
-    cfg: TrainConfig, round_cfg: ConfigRecord, arrays: ArrayRecord, context: Context
-) -> tuple[ArrayRecord, MetricRecord]:
+def _lattice_plan(cfg: TrainConfig, round_cfg: ConfigRecord, dim: int) -> LatticePlan:
+    """The round's lattice, rebuilt here from the server's numbers and checked: the
+    sensitivity bound is recomputed locally (never taken from the message)."""
+    gamma = float(round_cfg[P.LATTICE_GAMMA])
+    share_std = float(round_cfg[P.LATTICE_SHARE_STD])
+    survivors, silos = int(round_cfg[P.LATTICE_SURVIVORS]), int(round_cfg[P.LATTICE_SILOS])
+    if not (gamma > 0 and math.isfinite(gamma) and share_std > 0 and math.isfinite(share_std)):
+        raise BudgetError(f"bad lattice from the server: gamma {gamma}, share std {share_std}")
+    if not (1 <= survivors <= silos):
+        raise BudgetError(f"bad lattice from the server: {survivors} survivors of {silos} silos")
+    return LatticePlan(
+        clip_norm=cfg.clip_norm,
+        gamma=gamma,
+        bound_sq=rounding_bound_sq(gamma * cfg.clip_norm, dim),
+        share_std=share_std,
+        survivors=survivors,
+        silos=silos,
+        dim=dim,
+        max_batch=int(round_cfg[P.LATTICE_MAX_BATCH]),
+    )
+
+
+@dataclass
+class _Round:
+    silo: Silo
+    engine: DPEngine
+    server_round: int
+    q: float
+    steps: int
+    durable: str | None
+    tracker: PrivacyTracker
+    mask: torch.Tensor | None
+    mask_version: int
+
+
+def _begin(
+    cfg: TrainConfig, round_cfg: ConfigRecord, arrays: ArrayRecord, context: Context, sigma: float
+) -> _Round:
+    """What every training round starts with: the silo, its engine at the global model, its
+    own budget checked for ``sigma`` before its data is touched, and its mask."""
     silo = get_silo(cfg, context)
     engine = get_engine(cfg, silo)
-    phase = str(round_cfg[P.PHASE])
     server_round = int(round_cfg[P.SERVER_ROUND])
-    sigma = float(round_cfg[P.NOISE_MULTIPLIER])
     q = float(round_cfg[P.SAMPLE_RATE])
     steps = int(round_cfg[P.LOCAL_STEPS])
     if not (0 < q <= 1) or steps < 1:
         raise ValueError(f"bad round config: sample-rate {q}, local-steps {steps}")
-
     durable = client_state.state_dir(cfg, context, str(round_cfg.get(P.RUN_KEY, "")))
     client_state.restore(context, durable, silo.partition_id, server_round)
-    # The client enforces its own budget before touching its data.
     tracker = _client_tracker(cfg, context)
     if cfg.private:
         if sigma <= 0:
             raise BudgetError(f"server asked for noise multiplier {sigma} in a private run")
         tracker.check(Phase(sigma, q, steps))
-
     _load_global(engine, arrays)
-    seed_keys = ("client", silo.partition_id, server_round)
     mask, mask_version = _mask_from_state(round_cfg, context, engine.d)
+    return _Round(silo, engine, server_round, q, steps, durable, tracker, mask, mask_version)
+
+
+def _end(cfg: TrainConfig, r: _Round, sigma: float, context: Context) -> None:
+    if cfg.private:
+        r.tracker.spend(Phase(sigma, r.q, r.steps))
+        _save_tracker(r.tracker, context)
+
+
+def _round_metrics(cfg: TrainConfig, r: _Round, sigma: float, context: Context) -> dict:
+    return {
+        P.NUM_EXAMPLES: released_sizes(cfg, r.silo, context)[0],
+        P.PARTITION_ID: r.silo.partition_id,
+        P.DP_STEPS: r.steps if cfg.private else 0,
+        P.DP_NOISE_MULTIPLIER: sigma,
+        P.DP_SAMPLE_RATE: r.q,
+        P.MASK_VERSION: r.mask_version,
+    }
+
+
+def train_round(
+    cfg: TrainConfig, round_cfg: ConfigRecord, arrays: ArrayRecord, context: Context
+) -> tuple[ArrayRecord, MetricRecord]:
+    phase = str(round_cfg[P.PHASE])
+    sigma = float(round_cfg[P.NOISE_MULTIPLIER])
+    r = _begin(cfg, round_cfg, arrays, context, sigma)
+    engine, silo = r.engine, r.silo
+    seed_keys = ("client", silo.partition_id, r.server_round)
     keep_optimizer = bool(round_cfg.get(P.KEEP_OPTIMIZER_STATE, False))
     engine.begin_round(
         n_train=len(silo.train),
-        q=q,
+        q=r.q,
         noise_generator=make_generator(cfg.seed, *seed_keys, "noise", device=engine.device),
         sampling_generator=make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device),
-        mask=mask,
+        mask=r.mask,
         stats_state=client_state.load_arrays(context, P.STATE_STATS) if engine.stats is not None else None,
         optimizer_state=client_state.load_arrays(context, P.STATE_OPTIMIZER) if keep_optimizer else None,
         lr=float(round_cfg[P.CLIENT_LR]) if P.CLIENT_LR in round_cfg else None,
@@ -200,33 +260,86 @@ def train_round(
         engine,
         silo.train.to(engine.device) if engine.device.type != "cpu" else silo.train,
         mode=step_mode(cfg, pretraining=phase == P.PHASE_IMPORTANCE),
-        steps=steps,
+        steps=r.steps,
         noise_multiplier=sigma,
         update_importance=phase == P.PHASE_IMPORTANCE,
     )
-    if cfg.private:
-        tracker.spend(Phase(sigma, q, steps))
-        _save_tracker(tracker, context)
+    _end(cfg, r, sigma, context)
     if engine.stats is not None:
         client_state.save_arrays(context, P.STATE_STATS, engine.stats.state())
     if keep_optimizer:
         client_state.save_arrays(context, P.STATE_OPTIMIZER, engine.optimizer_state())
-    client_state.save(context, durable, silo.partition_id, server_round)
+    client_state.save(context, r.durable, silo.partition_id, r.server_round)
 
-    out = {P.UPDATE: Array(sparse_encode(result.delta, mask))}
-    metrics = {
-        P.NUM_EXAMPLES: released_sizes(cfg, silo, context)[0],
-        P.PARTITION_ID: silo.partition_id,
-        P.DP_STEPS: steps if cfg.private else 0,
-        P.DP_NOISE_MULTIPLIER: sigma,
-        P.DP_SAMPLE_RATE: q,
-        P.MASK_VERSION: mask_version,
-    }
+    out = {P.UPDATE: Array(sparse_encode(result.delta, r.mask))}
+    metrics = _round_metrics(cfg, r, sigma, context)
     if phase == P.PHASE_IMPORTANCE and engine.importance is not None:
         out[P.IMPORTANCE_TOTAL] = Array(engine.importance.total.float().cpu().numpy())
         out[P.IMPORTANCE_NOISE_VAR] = Array(engine.importance.noise_var.float().cpu().numpy())
         metrics[P.IMPORTANCE_STEPS] = engine.importance.steps
     return ArrayRecord(out), MetricRecord(metrics)
+
+
+def distributed_share(
+    cfg: TrainConfig,
+    round_cfg: ConfigRecord,
+    arrays: ArrayRecord,
+    context: Context,
+    adaclip: ArrayRecord | None = None,
+) -> tuple[np.ndarray, MetricRecord]:
+    """``dp-noise = "distributed"``: this silo's lattice sum of one Poisson batch's clipped
+    gradients at the global model plus its discrete Gaussian share, on Z_{2^32} (not yet
+    masked: :func:`client.secagg.mask_vector`). Charged to the silo's own account with the
+    noise multiplier of the sum against the server (the lattice rebuilt and checked here)."""
+    dim_mask = None
+    d = get_engine(cfg, get_silo(cfg, context)).d
+    version = int(round_cfg.get(P.MASK_VERSION, 0))
+    if version:
+        dim_mask, _ = _mask_from_state(round_cfg, context, d)
+    dim = d if dim_mask is None else int(dim_mask.sum())
+    plan = _lattice_plan(cfg, round_cfg, dim)
+    sigma = plan.noise_multiplier
+    sent = float(round_cfg[P.NOISE_MULTIPLIER])
+    if not math.isclose(sigma, sent, rel_tol=1e-9):
+        raise BudgetError(f"the lattice gives noise multiplier {sigma:.6g}, the server claims {sent:.6g}")
+    r = _begin(cfg, round_cfg, arrays, context, sigma)
+    if r.steps != 1:
+        raise BudgetError(f"distributed noise takes one step per round, the server asked for {r.steps}")
+    engine, silo = r.engine, r.silo
+    seed_keys = ("client", silo.partition_id, r.server_round)
+    engine.begin_round(
+        n_train=len(silo.train),
+        q=r.q,
+        noise_generator=make_generator(cfg.seed, *seed_keys, "noise", device=engine.device),
+        sampling_generator=make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device),
+        mask=r.mask,
+    )
+    center = scale = None
+    if adaclip is not None:
+        center = adaclip[P.CENTER].numpy()
+        scale = adaclip[P.SCALE].numpy()
+        if (
+            center.shape != (d,)
+            or scale.shape != (d,)
+            or not (np.all(np.isfinite(center)) and np.all(scale > 0))
+        ):
+            raise BudgetError("bad clipping statistics from the server")
+        center = torch.from_numpy(center.astype(np.float32)).to(engine.device)
+        scale = torch.from_numpy(scale.astype(np.float32)).to(engine.device)
+    rng = SecureRandom(None if not cfg.seeded else (cfg.seed, *seed_keys, "lattice"))
+    ints, _ = engine.lattice_sum(
+        silo.train.to(engine.device) if engine.device.type != "cpu" else silo.train,
+        gamma=plan.gamma,
+        bound_sq=plan.bound_sq,
+        rng=rng,
+        center=center,
+        scale=scale,
+    )
+    share = noisy_share(ints, plan, rng)
+    _end(cfg, r, sigma, context)
+    client_state.save(context, r.durable, silo.partition_id, r.server_round)
+    # nothing about the batch (its size, loss or clipping) is reported: only the masked share
+    return share, MetricRecord(_round_metrics(cfg, r, sigma, context))
 
 
 def evaluate_round(

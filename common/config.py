@@ -38,6 +38,7 @@ CLIENT_OPTIMIZER_STATES = ("keep", "reset")
 # released), its correct-prediction count with accounted Gaussian noise, or exact metrics
 # (the opt-out: outside the DP guarantee, flagged in the run folder and the console)
 VALIDATION_RELEASES = ("none", "noisy", "exact")
+DP_NOISE = ("local", "distributed")
 SILO_SIZES = ("declared", "exact")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")  # common.server_opt
 LR_SCHEDULES = ("constant", "cosine", "linear")  # common.server_opt.lr_factor
@@ -437,6 +438,12 @@ class FederatedConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    # where the Gaussian noise comes from (docs/PRIVACY.md): "local" (each silo adds all of it,
+    # the server sees each update) | "distributed" (secure aggregation: the server sees only the
+    # sum, each silo adds a discrete Gaussian share; DP-FedSGD, one local step per round)
+    dp_noise: str = "local"
+    secagg_survivors: int = 0  # t: silos whose shares the claim assumes (0 = every silo)
+    secagg_key_rounds: int = 10  # rounds served by one secure-aggregation key set-up
 
     def __post_init__(self) -> None:
         _number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
@@ -469,6 +476,41 @@ class FederatedConfig:
         _number("server-beta1", self.server_beta1, lo=0.0, hi=1.0, hi_open=True)
         _number("server-beta2", self.server_beta2, lo=0.0, hi=1.0, hi_open=True)
         _number("server-tau", self.server_tau, lo=0.0, lo_open=True)
+        _choice("dp-noise", self.dp_noise, DP_NOISE)
+        _number("secagg-survivors", self.secagg_survivors, lo=0, hi=10**4, integer=True)
+        _number("secagg-key-rounds", self.secagg_key_rounds, lo=1, hi=1000, integer=True)
+
+    def check_distributed(self, cfg: TrainConfig) -> None:
+        """``dp-noise = "distributed"`` is DP-FedSGD: each round every silo releases one noisy
+        share of one Poisson batch's clipped gradient sum at the global model; the server
+        takes the optimizer step. Settings that would break that are refused by name."""
+        if self.dp_noise != "distributed":
+            return
+        if not cfg.private:
+            raise ConfigError("dp-noise", self.dp_noise, f"needs a private method, not {cfg.method}")
+        if self.local_steps != 1:
+            raise ConfigError(
+                "local-steps",
+                self.local_steps,
+                "must be 1 with dp-noise = 'distributed': further local steps would train on "
+                "a model that saw only this silo's share of the noise",
+            )
+        if self.fraction_train != 1.0:
+            raise ConfigError(
+                "fraction-train",
+                self.fraction_train,
+                "must be 1 with dp-noise = 'distributed' (every silo, every round)",
+            )
+        if cfg.optimizer != "sgd":
+            raise ConfigError(
+                "optimizer", cfg.optimizer, "dp-noise = 'distributed' runs SGD (with momentum) on the server"
+            )
+        if self.server_optimizer not in ("fedavg", "fedavgm"):
+            raise ConfigError(
+                "server-optimizer",
+                self.server_optimizer,
+                "dp-noise = 'distributed' takes the SGD step on the server: fedavg (the run's momentum) or fedavgm",
+            )
 
     def evaluation_rounds(self, rounds: int | None = None) -> list[int]:
         """The rounds that ask clients for validation metrics (none when nothing is released)."""
@@ -625,6 +667,9 @@ HELP: dict[str, str] = {
     "server-beta1": "fedadam / fedyogi / fedadagrad first-moment rate",
     "server-beta2": "fedadam / fedyogi second-moment rate",
     "server-tau": "adaptive server optimizers' epsilon (adaptivity)",
+    "dp-noise": "local (each silo adds all the noise) | distributed (secure aggregation; each silo adds a discrete Gaussian share; one local step per round)",
+    "secagg-survivors": "distributed noise: t, the fewest silos whose shares the epsilon assumes; a round with fewer survivors is refused (0 = every silo)",
+    "secagg-key-rounds": "distributed noise: rounds served by one secure-aggregation key set-up (fresh keys per round within it)",
 }
 
 

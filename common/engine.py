@@ -19,6 +19,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +30,7 @@ from common.config import TrainConfig
 from common.data import TensorData
 from common.masks import ImportanceAccumulator
 from common.per_sample import make_grad_sampler
-from common.privacy import ReleasedGradient, SegmentAccumulator, release_nonprivate
+from common.privacy import LatticeAccumulator, ReleasedGradient, SegmentAccumulator, release_nonprivate
 
 MODES = ("nonprivate", "flat", "adaptive")
 
@@ -317,6 +318,17 @@ class DPEngine:
             )
         else:
             acc = SegmentAccumulator(self.sizes, clip_norm=cfg.clip_norm, mask=self.mask, device=self.device)
+        loss_sum = self._accumulate(acc, data, idx)
+        released = acc.release(
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=self.expected_batch_size,
+            generator=self.noise_generator,
+        )
+        return released, loss_sum / max(int(idx.numel()), 1), acc.clipped
+
+    def _accumulate(self, acc: SegmentAccumulator, data: TensorData, idx: torch.Tensor) -> float:
+        """Per-sample gradients of the batch ``idx`` into ``acc``, in physical chunks; the loss sum."""
+        cfg = self.cfg
         loss_sum = 0.0
         assert self.sampler is not None
         k = cfg.augmult
@@ -333,12 +345,40 @@ class DPEngine:
                 grads, mean_loss = self.sampler(per_example_loss, x, y)
                 acc.add(grads, consume=True)  # the sampler's scratch rows: standardized in place
             loss_sum += mean_loss * int(chunk.numel())
-        released = acc.release(
-            noise_multiplier=noise_multiplier,
-            expected_batch_size=self.expected_batch_size,
-            generator=self.noise_generator,
+        return loss_sum
+
+    def lattice_sum(
+        self,
+        data: TensorData,
+        *,
+        gamma: float,
+        bound_sq: int,
+        rng,
+        center: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, StepResult]:
+        """One Poisson batch's clipped per-sample rows on the integer lattice, summed on the
+        active coordinates (``dp-noise = "distributed"``; common.distributed). Standardized
+        by the *server's* ``center``/``scale`` (post-processing of aggregated releases), never
+        by statistics of this silo's own share. No noise, no step: the caller adds its share
+        and the server steps after secure aggregation."""
+        if self.sampler is None:
+            raise RuntimeError("distributed noise needs a private method")
+        idx = self.sample_batch(data)
+        acc = LatticeAccumulator(
+            self.sizes,
+            clip_norm=self.cfg.clip_norm,
+            gamma=gamma,
+            bound_sq=bound_sq,
+            rng=rng,
+            mask=self.mask,
+            center=center,
+            scale=scale,
+            device=self.device,
         )
-        return released, loss_sum / max(int(idx.numel()), 1), acc.clipped
+        loss_sum = self._accumulate(acc, data, idx)
+        n = int(idx.numel())
+        return acc.int_totals, StepResult(loss=loss_sum / max(n, 1), batch_size=n, clipped=acc.clipped)
 
     @torch.no_grad()
     def _apply(self, released: ReleasedGradient) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Segments = Sequence[torch.Tensor]
@@ -329,3 +330,89 @@ def release_nonprivate(values: torch.Tensor) -> ReleasedGradient:
     Only for the ``nonprivate`` baseline, which promises no privacy at all.
     """
     return ReleasedGradient(values, torch.zeros_like(values), None, _RELEASE_TOKEN)
+
+
+class LatticeAccumulator(SegmentAccumulator):
+    """Stages 1-3 for distributed noise (``dp-noise = "distributed"``, common.distributed):
+    each standardized row, clipped to ``clip_norm``, is scaled by ``gamma`` onto the integer
+    lattice *on the active coordinates* and rounded with conditional randomized rounding
+    (squared norm <= ``bound_sq``, the sum's sensitivity), then summed in integers. No noise
+    is added here: each silo adds its discrete Gaussian share to :attr:`int_totals`."""
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        *,
+        clip_norm: float,
+        gamma: float,
+        bound_sq: int,
+        rng,
+        mask: torch.Tensor | None = None,
+        center: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(sizes, clip_norm=clip_norm, mask=mask, center=center, scale=scale, device=device)
+        self.gamma, self.bound_sq, self.rng = float(gamma), int(bound_sq), rng
+        k = int(sum(sizes)) if mask is None else int(mask.sum())
+        self.int_totals = np.zeros(k, dtype=np.int64)
+
+    def add(self, grads: Segments, *, consume: bool = False) -> None:
+        from common.distributed import CHECK_MARGIN, round_rows
+
+        if not grads or grads[0].shape[0] == 0:
+            return
+        z = self._standardize(grads, consume)
+        norms = row_norms(z)
+        # rows at c (1 - 2 margin): within the float32 norm check's margin after rounding
+        shrink = 1.0 - 2 * CHECK_MARGIN
+        factors = (self.clip_norm / norms.double().clamp_min(1e-300)).clamp(max=1.0) * (self.gamma * shrink)
+        parts = z if self.mask is None else [p[:, m] for p, m in zip(z, self.mask)]
+        rows = torch.cat([p.float() for p in parts], dim=1).cpu()
+        rows.mul_(factors.float().cpu()[:, None])
+        ints = round_rows(rows, self.bound_sq, self.rng)
+        self.int_totals += ints.sum(0, dtype=torch.float64).numpy().astype(np.int64)  # exact below 2^53
+        self.count += int(norms.shape[0])
+        self.clipped += int((norms > self.clip_norm).sum())
+
+    def release(self, **_: object) -> ReleasedGradient:
+        raise TypeError("a lattice sum is released only through secure aggregation (common.distributed)")
+
+
+def release_secure_sum(
+    noisy_sum: torch.Tensor,
+    *,
+    noise_std: float,
+    expected_batch_size: float,
+    sizes: Sequence[int],
+    mask: torch.Tensor | None,
+    center: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> ReleasedGradient:
+    """The gradient estimate from a securely aggregated, distributed-noise sum (server side).
+
+    ``noisy_sum``: the decoded sum on the active coordinates (standardized, clip units),
+    which carries every surviving silo's discrete Gaussian share (std ``noise_std`` per
+    coordinate, public); restored like a local release (stage 5)."""
+    d = int(sum(sizes))
+    dense = torch.zeros(d, dtype=torch.float32)
+    if mask is None:
+        dense.copy_(noisy_sum.float())
+    else:
+        dense[mask.cpu()] = noisy_sum.float()
+    restored = restore(
+        [dense],
+        expected_batch_size=expected_batch_size,
+        mask=None if mask is None else [mask.cpu()],
+        center=None if center is None else [center.cpu()],
+        scale=None if scale is None else [scale.cpu()],
+    )[0]
+    std = noise_std_of_release(
+        sizes=sizes,
+        noise_multiplier=float(noise_std),
+        clip_norm=1.0,
+        expected_batch_size=expected_batch_size,
+        mask=None if mask is None else mask.cpu(),
+        scale=None if scale is None else scale.cpu(),
+    )
+    return ReleasedGradient(restored, std, None if mask is None else mask.cpu(), _RELEASE_TOKEN)

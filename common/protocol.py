@@ -53,3 +53,36 @@ STATE_STATS = "adadpigu-adaclip"
 STATE_SPEND = "adadpigu-spend"
 STATE_ROUND = "adadpigu-round"  # the last round this context.state was saved for
 STATE_OPTIMIZER = "adadpigu-optimizer"  # momentum / Adam moments: post-processing of releases
+
+# secure aggregation (dp-noise = "distributed"; client.secagg, server.secagg): a TRAIN message
+# whose config has SECAGG_STAGE is one stage of the protocol; "collect" is also the round's training
+SECAGG_STAGE = "secagg-stage"  # keys-setup | keys-share | collect | unmask
+SECAGG_EPOCH = "secagg-epoch"  # the key set-up's number
+SECAGG_INSTANCE = "secagg-instance"  # which of the set-up's independent key instances a round uses
+SECAGG_INSTANCES = "secagg-instances"
+SECAGG_THRESHOLD = "secagg-threshold"  # Shamir reconstruction threshold
+SECAGG_NODES = "secagg-nodes"
+SECAGG_PK1 = "secagg-pk1"
+SECAGG_PK2 = "secagg-pk2"
+SECAGG_DST = "secagg-dst"
+SECAGG_SRC = "secagg-src"
+SECAGG_CT = "secagg-ct"
+SECAGG_ACTIVE = "secagg-active"
+SECAGG_DEAD = "secagg-dead"
+SECAGG_SHARE_NODES = "secagg-share-nodes"
+SECAGG_SHARES = "secagg-shares"
+STAGE_KEYS_SETUP = "keys-setup"
+STAGE_KEYS_SHARE = "keys-share"
+STAGE_COLLECT = "collect"
+STAGE_UNMASK = "unmask"
+# the round's lattice (common.distributed.LatticePlan): clients rebuild and check it
+LATTICE_GAMMA = "lattice-gamma"
+LATTICE_SHARE_STD = "lattice-share-std"
+LATTICE_SURVIVORS = "lattice-survivors"
+LATTICE_SILOS = "lattice-silos"
+LATTICE_MAX_BATCH = "lattice-max-batch"
+# the server's AdaCliP statistics for the adaptive phase under distributed noise
+ADACLIP = "adaclip"  # ArrayRecord key in the RecordDict
+CENTER = "center"
+SCALE = "scale"
+STATE_SECAGG_META = "adadpigu-secagg-meta"

@@ -76,6 +76,24 @@ class PrivacyLedger:
             {"round": server_round, **phase.to_dict(), "epsilon": None, "total_steps": tracker.steps}
         )
 
+    def revoke(self, server_round: int) -> list[str]:
+        """Withdraw every charge of ``server_round``: only for a round whose outputs nobody
+        can ever read (secure aggregation refused to unmask it). The clients it named."""
+        names = []
+        for c, entries in self.history.items():
+            kept = [h for h in entries if h["round"] != server_round]
+            if len(kept) == len(entries):
+                continue
+            names.append(c)
+            tracker = PrivacyTracker(
+                delta=self.delta, accountant=self.accountant, target_epsilon=self.target_epsilon
+            )
+            for h in kept:
+                tracker.spend(Phase(h["noise_multiplier"], h["sample_rate"], h["steps"]))
+                h["total_steps"] = tracker.steps
+            self.clients[c], self.history[c] = tracker, kept
+        return names
+
     def _pending(self) -> list[tuple[str, int, tuple[Phase, ...]]]:
         """(client, index, composed phases) of every history entry whose epsilon is not set."""
         out = []

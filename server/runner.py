@@ -31,6 +31,7 @@ from common.errors import BudgetError, UserError
 from common.models import build_model_for
 from common.outputs import federated_command, run_dir_name, save_checkpoint, write_csv, write_json_atomic
 from server.ledger import PrivacyLedger
+from server.secagg import SecAggRefused
 from server.strategy import AdaDPIGUStrategy, RoundError
 
 
@@ -271,6 +272,7 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
         f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; model selection: "
         f"{_selection_words(fed)}; silo sizes: "
         f"{'declared (public)' if cfg.silo_sizes == 'declared' else 'EXACT counts, outside the DP guarantee (opt-out)'}; "
+        f"noise: {_noise_words(fed, len(strategy.silos))}; "
         f"run folder {run.run_dir}"
     )
     if cfg.silo_sizes == "exact" and cfg.private:
@@ -311,7 +313,7 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
     t_round = time.time()
     try:
         messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-    except (BudgetError, RoundError) as exc:
+    except (BudgetError, RoundError, SecAggRefused) as exc:
         kind = "budget" if isinstance(exc, BudgetError) else "clients"
         log(WARNING, "stopping before round %d: %s", rnd, exc)
         return arrays, f"{kind}: {exc}"
@@ -324,7 +326,21 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
     t_clients = time.time() - t_send
     accounting.join()
-    new_arrays, agg = strategy.aggregate_train(rnd, replies)
+    try:
+        new_arrays, agg = strategy.aggregate_train(rnd, replies)
+    except SecAggRefused as exc:
+        # nothing of this round was unmasked, so nothing was released: its charge is withdrawn
+        names = run.ledger.revoke(rnd)
+        strategy.own_ledger.revoke(rnd)
+        write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict())
+        log(
+            WARNING,
+            "round %d was not aggregated: %s; its privacy charge to %d silo(s) is withdrawn (nothing was unmasked)",
+            rnd,
+            exc,
+            len(names),
+        )
+        return arrays, f"secure aggregation: {exc}"
     arrays = new_arrays if new_arrays is not None else arrays
     agg_d = dict(agg) if agg is not None else {}
     stop_reason = "completed"
@@ -408,7 +424,22 @@ def _round_row(
         "bytes_down_per_client": float(agg_d.get("bytes-down", 0.0)) / n_sent,
         "bytes_up_per_client": float(agg_d.get("bytes-up", 0.0)) / max(int(agg_d.get("clients-valid", 0)), 1),
         "dense_bytes": 4 * strategy.d,
+        **_distributed_columns(run, rnd, agg_d, test_round=not math.isnan(test_acc)),
     }
+
+
+def _distributed_columns(run: FederatedRun, rnd: int, agg_d: dict, *, test_round: bool) -> dict:
+    """Distributed noise: the secure sum's headroom (1 = at the 32-bit wrap) and, on test
+    rounds, the epsilon of a silo's own share alone (all other silos colluding)."""
+    strategy = run.strategy
+    if not strategy.distributed:
+        return {}
+    own = (
+        strategy.own_ledger.summary(s.name for s in strategy.silos.values())["max_epsilon"]
+        if test_round
+        else math.nan
+    )
+    return {"secagg_headroom": float(agg_d.get("secagg-headroom", math.nan)), "max_epsilon_own_share": own}
 
 
 def _write_round(run: FederatedRun, rnd: int, eval_model: torch.nn.Module) -> None:
@@ -440,6 +471,16 @@ def _write_metrics(run: FederatedRun) -> None:
 # ----- finish ---------------------------------------------------------------------------
 
 
+def _noise_words(fed: FederatedConfig, silos: int) -> str:
+    if fed.dp_noise == "local":
+        return "local (each silo adds all of it; the server sees each update)"
+    t = fed.secagg_survivors or silos
+    return (
+        f"distributed (secure aggregation: the server sees the sum; epsilon assumes at least "
+        f"max({t}, {silos // 2 + 1}) honest surviving silos)"
+    )
+
+
 def _selection_words(fed: FederatedConfig) -> str:
     """How the released model is chosen, in the words the run folder and console use."""
     return {
@@ -466,6 +507,8 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
     _, best_test = evaluate(strategy.model, run.test)
     write_json_atomic(os.path.join(run.run_dir, "ledger.json"), ledger.to_dict())
     write_json_atomic(os.path.join(run.run_dir, "rejections.json"), strategy.rejections)
+    if strategy.distributed:  # what each silo's own share alone is worth (everyone else colluding)
+        write_json_atomic(os.path.join(run.run_dir, "ledger-own-share.json"), strategy.own_ledger.to_dict())
     summary = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -484,6 +527,16 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
             [r for r in strategy.rejections if not r["reason"].startswith("client error")]
         ),
         "validation_release": run.fed.validation_release,
+        "dp_noise": run.fed.dp_noise,
+        **(
+            {
+                "max_epsilon_own_share": strategy.own_ledger.summary()["max_epsilon"],
+                "secagg_survivors": strategy.lattice.survivors if strategy.lattice else None,
+                "lattice": strategy.lattice.to_dict() if strategy.lattice else None,
+            }
+            if strategy.distributed
+            else {}
+        ),
         "silo_sizes": cfg.silo_sizes,
         "model_selection": _selection_words(run.fed),
         "seed": cfg.seed if cfg.seeded else None,

@@ -25,21 +25,32 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as P
 from common.accounting import Phase, calibrate_noise
+from common.adaclip import AdaClipStatistics
 from common.config import FederatedConfig, TrainConfig
-from common.engine import derive_seed
+from common.distributed import LatticePlan, headroom, plan_lattice, to_signed
+from common.engine import derive_seed, step_mode
 from common.errors import BudgetError, UserError
 from common.federated import ClientPlan, aggregate_sparse
-from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule, importance_scores, pack_mask
+from common.masks import (
+    ImportanceAccumulator,
+    MaskBuilder,
+    MovementScores,
+    UnfreezeSchedule,
+    importance_scores,
+    pack_mask,
+)
 from common.models import ParameterEMA, flat_parameters, load_flat_parameters
+from common.privacy import release_secure_sum
 from common.server_opt import ServerOptimizer, lr_factor
 from server.ledger import PrivacyLedger
+from server.secagg import SecureAggregator
 
 
 class RoundError(UserError):
@@ -105,10 +116,15 @@ class AdaDPIGUStrategy(FedAvg):
         self.movement = MovementScores(self.d) if cfg.uses_mask and cfg.mask_refresh > 0 else None
         self.sent: dict[int, Sent] = {}
         self.current_flat: torch.Tensor | None = None
+        # dp-noise = "distributed": the server takes the clients' SGD step on the securely
+        # aggregated gradient (the run's momentum unless server-optimizer = "fedavgm" sets one)
+        fed.check_distributed(cfg)
+        self.distributed = fed.dp_noise == "distributed"
+        distributed_momentum = fed.server_momentum if fed.server_optimizer == "fedavgm" else cfg.momentum
         self.server_opt = ServerOptimizer(
-            fed.server_optimizer,
+            "fedavgm" if self.distributed else fed.server_optimizer,
             self.d,
-            momentum=fed.server_momentum,
+            momentum=distributed_momentum if self.distributed else fed.server_momentum,
             beta1=fed.server_beta1,
             beta2=fed.server_beta2,
             tau=fed.server_tau,
@@ -118,6 +134,32 @@ class AdaDPIGUStrategy(FedAvg):
         self.rejections: list[dict] = []
         self.run_key = ""  # the run folder's name (set by the runner): clients keep durable state under it
         self.train_config_json = json.dumps(cfg.to_dict())
+        # distributed noise: secure aggregation, the lattice of the round, and the statistics
+        # that local noise keeps in each client (importance, AdaCliP) kept here instead, from
+        # the aggregated release (a silo's own share is not noisy enough to adapt on)
+        self.secagg = (
+            SecureAggregator(
+                fed.secagg_survivors, fed.secagg_key_rounds, fed.round_timeout, self.train_config_json
+            )
+            if self.distributed
+            else None
+        )
+        self.lattice: LatticePlan | None = None
+        self.own_ledger = PrivacyLedger(
+            delta=cfg.delta, accountant=cfg.accountant, target_epsilon=None, private=cfg.private
+        )
+        self.server_stats = (
+            AdaClipStatistics(
+                self.d, beta1=cfg.beta1, beta2=cfg.beta2, h1=cfg.h1, h2=cfg.h2, scale_rule=cfg.scale_rule
+            )
+            if self.distributed and cfg.uses_adaptive_clip
+            else None
+        )
+        self.server_importance = (
+            ImportanceAccumulator(self.d, cfg.importance) if self.distributed and cfg.uses_mask else None
+        )
+        self.headroom = math.nan
+        self.grid: Grid | None = None
 
     # ----- set-up ------------------------------------------------------------------------
     def register_silos(self, replies: Iterable[Message]) -> None:
@@ -176,6 +218,10 @@ class AdaDPIGUStrategy(FedAvg):
                         fixed_phases=fixed,
                     )
             silo.noise_multiplier = cache[key]
+        if self.distributed:  # one noise for the one sum: the most demanding silo's
+            sigma = max(s.noise_multiplier for s in self.silos.values())
+            for silo in self.silos.values():
+                silo.noise_multiplier = sigma
 
     def validation_phase(self, releases: int = 1) -> Phase | None:
         """The DP event of ``releases`` noisy validation releases (None when none are charged)."""
@@ -234,6 +280,7 @@ class AdaDPIGUStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
+        self.grid = grid
         nodes = self.sample(grid, self.fed.fraction_train, self.fed.min_train_nodes)
         phase = self.phase_of(server_round)
         if self.cfg.private:
@@ -242,6 +289,11 @@ class AdaDPIGUStrategy(FedAvg):
         self._update_mask(server_round)
         base_bytes = arrays.count_bytes()
         expected_len = self.d if self.mask is None else int(self.mask.sum())
+        extra: dict[int, dict] = {n: {} for n in nodes}
+        records: dict = {}
+        if self.distributed:
+            nodes, extra, records = self._distributed_round(grid, nodes, phase, expected_len)
+            base_bytes += sum(r.count_bytes() for r in records.values())
         self.sent = {}
         messages = []
         for n in nodes:
@@ -260,6 +312,7 @@ class AdaDPIGUStrategy(FedAvg):
                     P.CLIENT_LR: float(self.client_lr(server_round)),
                     P.KEEP_OPTIMIZER_STATE: self.fed.client_optimizer_state == "keep",
                     P.RUN_KEY: self.run_key,
+                    **extra[n],
                 }
             )
             down = base_bytes
@@ -268,7 +321,7 @@ class AdaDPIGUStrategy(FedAvg):
                 down += len(self.mask_bits)
             messages.append(
                 Message(
-                    RecordDict({P.ARRAYS: arrays, P.CONFIG: rc}),
+                    RecordDict({P.ARRAYS: arrays, P.CONFIG: rc, **records}),
                     dst_node_id=n,
                     message_type=MessageType.TRAIN,
                     group_id=str(server_round),
@@ -277,26 +330,77 @@ class AdaDPIGUStrategy(FedAvg):
             self.sent[n] = Sent(
                 silo=silo,
                 phase_name=phase,
-                phase=silo.plan.round_phase(silo.noise_multiplier)
-                if self.cfg.private
-                else Phase(1.0, 1.0, 0),
+                phase=self._round_phase(silo) if self.cfg.private else Phase(1.0, 1.0, 0),
                 mask_version=self.mask_version,
                 expected_len=expected_len,
                 down_bytes=down,
             )
         return messages
 
+    def _distributed_round(
+        self, grid: Grid, nodes: list[int], phase: str, dim: int
+    ) -> tuple[list[int], dict[int, dict], dict]:
+        """Distributed noise: the key set-up this round uses, the round's lattice (its noise
+        split so that ``secagg-survivors`` shares give the calibrated noise multiplier), each
+        node's secure-aggregation fields, and the server's clipping statistics to send."""
+        assert self.secagg is not None
+        epoch = self.secagg.prepare(grid, nodes)
+        nodes = [n for n in nodes if n in epoch.members]
+        members = [self.silos[n] for n in nodes]
+        sigma = max(s.noise_multiplier for s in members)
+        self.lattice = plan_lattice(
+            clip_norm=self.cfg.clip_norm,
+            dim=dim,
+            noise_multiplier=sigma,
+            survivors=self.secagg.required(len(nodes)),  # fewer never aggregate
+            silos=len(nodes),
+            expected_total_batch=sum(s.plan.sample_rate * s.n_train for s in members),
+        )
+        lat = {
+            P.LATTICE_GAMMA: self.lattice.gamma,
+            P.LATTICE_SHARE_STD: self.lattice.share_std,
+            P.LATTICE_SURVIVORS: self.lattice.survivors,
+            P.LATTICE_SILOS: self.lattice.silos,
+            P.LATTICE_MAX_BATCH: self.lattice.max_batch,
+        }
+        extra = {n: {**lat, **self.secagg.collect_fields(n)} for n in nodes}
+        records = {}
+        if (
+            self.server_stats is not None
+            and step_mode(self.cfg, pretraining=phase == P.PHASE_IMPORTANCE) == "adaptive"
+        ):
+            records[P.ADACLIP] = ArrayRecord(
+                {
+                    P.CENTER: Array(self.server_stats.center().float().numpy()),
+                    P.SCALE: Array(self.server_stats.scale(self.mask, 1.0).float().numpy()),
+                }
+            )
+        return nodes, extra, records
+
+    def _round_phase(self, silo: SiloInfo) -> Phase:
+        """The DP event a round charges to ``silo`` against the server."""
+        if self.distributed:
+            assert self.lattice is not None
+            return Phase(self.lattice.noise_multiplier, silo.plan.sample_rate, 1)
+        return silo.plan.round_phase(silo.noise_multiplier)
+
     def planned_phases(self, nodes: Iterable[int] | None = None) -> dict[str, Phase]:
-        """The DP event a round charges to each silo (of ``nodes``; default: every silo)."""
+        """The DP event a round charges to each silo (of ``nodes``; default: every silo);
+        distributed noise: the calibrated multiplier (the lattice's is this up to rounding)."""
         chosen = self.silos.values() if nodes is None else (self.silos[n] for n in nodes)
         return {s.name: s.plan.round_phase(s.noise_multiplier) for s in chosen}
 
     def record_spend(self, server_round: int) -> None:
-        """Charge every client that was sent this round (before its reply: conservative)."""
+        """Charge every client that was sent this round (before its reply: conservative);
+        distributed noise: also what the silo's own share alone is worth (``own_ledger``)."""
         if not self.cfg.private:
             return
         for s in self.sent.values():
             self.ledger.record(s.silo.name, server_round, s.phase)
+            if self.distributed:
+                assert self.lattice is not None
+                own = Phase(self.lattice.own_share_noise_multiplier, s.phase.sample_rate, 1)
+                self.own_ledger.record(s.silo.name, server_round, own)
 
     def _flat_of(self, arrays: ArrayRecord) -> torch.Tensor:
         self.model.load_state_dict(arrays.to_torch_state_dict())
@@ -341,6 +445,24 @@ class AdaDPIGUStrategy(FedAvg):
             update = arrays[P.UPDATE].numpy()
         except Exception as exc:  # undecodable payload
             return f"update cannot be decoded: {exc}", {}
+        if self.distributed:  # a masked vector: only its form can be checked
+            if update.dtype != np.uint32 or update.shape != (sent.expected_len,):
+                return (
+                    f"masked vector has dtype {update.dtype} and shape {tuple(update.shape)}, expected "
+                    f"uint32 ({sent.expected_len},)",
+                    {},
+                )
+            if n_ex != sent.silo.n_train:
+                return (
+                    f"num-examples {n_ex} differs from the size the silo registered ({sent.silo.n_train})",
+                    {},
+                )
+            return None, {
+                "update": update,
+                "weight": float(n_ex),
+                "up_bytes": arrays.count_bytes(),
+                "node": node,
+            }
         if update.ndim != 1 or update.shape[0] != sent.expected_len:
             return (
                 f"update has shape {tuple(update.shape)}, expected ({sent.expected_len},) "
@@ -432,24 +554,69 @@ class AdaDPIGUStrategy(FedAvg):
             metrics["insufficient"] = 1
             return None, MetricRecord(metrics)
         assert self.current_flat is not None
-        delta = aggregate_sparse(
-            [v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d
-        )
+        if self.distributed:
+            delta, lr = self._secure_gradient(server_round, valid), self.client_lr(server_round)
+            metrics["secagg-headroom"] = self.headroom
+        else:
+            delta = aggregate_sparse(
+                [v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d
+            )
+            lr = 1.0
         # post-processing of the released updates; frozen coordinates neither move nor remember
         new_flat = self.server_opt.step(
-            self.current_flat, delta, lr=self.server_lr(server_round), mask=self.mask
+            self.current_flat, delta, lr=lr * self.server_lr(server_round), mask=self.mask
         )
         load_flat_parameters(self.model, new_flat)
         if self.ema is not None:
             self.ema.update(new_flat)
         if self.movement is not None:
             self.movement.observe(self.mask, self.client_lr(server_round) * self.server_lr(server_round))
-        if self.phase_of(server_round) == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
+        if self.phase_of(server_round) == P.PHASE_IMPORTANCE and self.cfg.uses_mask and not self.distributed:
             for v in valid:
                 self.importance_sum += v["weight"] * v["importance"]
                 self.importance_weight += v["weight"]
         log(INFO, "round %d: aggregated %d/%d updates", server_round, len(valid), len(self.sent))
         return ArrayRecord(self.model.state_dict()), MetricRecord(metrics)
+
+    def _secure_gradient(self, server_round: int, valid: list[dict]) -> torch.Tensor:
+        """Distributed noise: unmask the sum of the survivors' vectors (SecAggRefused when too
+        few survived), decode it into the released gradient estimate, update the server's
+        importance and clipping statistics from it, and return the step's direction."""
+        assert self.secagg is not None and self.lattice is not None and self.grid is not None
+        total = self.secagg.unmask(self.grid, {v["node"]: v["update"] for v in valid})
+        signed = to_signed(total)
+        self.headroom = headroom(signed)
+        if self.headroom > 0.5:
+            log(
+                WARNING,
+                "round %d: the secure sum reached %.0f%% of the 32-bit range: it may have wrapped",
+                server_round,
+                100 * self.headroom,
+            )
+        plan = self.lattice
+        adaptive = (
+            self.server_stats is not None
+            and step_mode(self.cfg, pretraining=self.phase_of(server_round) == P.PHASE_IMPORTANCE)
+            == "adaptive"
+        )
+        released = release_secure_sum(
+            torch.from_numpy(signed.astype(np.float64) / plan.gamma),
+            noise_std=math.sqrt(len(valid)) * plan.share_std / plan.gamma,
+            expected_batch_size=sum(
+                self.sent[v["node"]].silo.plan.sample_rate * self.sent[v["node"]].silo.n_train for v in valid
+            ),
+            sizes=[self.d],
+            mask=self.mask,
+            center=self.server_stats.center() if adaptive else None,
+            scale=self.server_stats.scale(self.mask, 1.0) if adaptive else None,
+        )
+        if self.server_importance is not None and self.phase_of(server_round) == P.PHASE_IMPORTANCE:
+            self.server_importance.update_from_released(released)
+            self.importance_sum = self.server_importance.scores().double()
+            self.importance_weight = 1.0
+        if self.server_stats is not None:
+            self.server_stats.update_from_released(released)
+        return -released.values.double()
 
     def evaluation_model(self) -> torch.nn.Module:
         """The model to evaluate and select: the EMA of the weights when ``ema-decay`` > 0."""
@@ -470,6 +637,15 @@ class AdaDPIGUStrategy(FedAvg):
             "server_opt": self.server_opt.state_dict(),
             "ema": None if self.ema is None or self.ema.flat is None else self.ema.flat.clone(),
             "movement": None if self.movement is None else self.movement.state_dict(),
+            "own_ledger": self.own_ledger.to_dict(pending=True),
+            "server_stats": None if self.server_stats is None else self.server_stats.state(),
+            "server_importance": None
+            if self.server_importance is None
+            else {
+                "total": self.server_importance.total.clone(),
+                "noise_var": self.server_importance.noise_var.clone(),
+                "steps": self.server_importance.steps,
+            },
         }
 
     def load_state(self, state: dict) -> None:
@@ -494,6 +670,15 @@ class AdaDPIGUStrategy(FedAvg):
         self.server_opt.load_state_dict(state["server_opt"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.flat = state["ema"].clone()
+        if state.get("own_ledger") is not None:
+            self.own_ledger = PrivacyLedger.from_dict(state["own_ledger"])
+        if self.server_stats is not None and state.get("server_stats") is not None:
+            self.server_stats.load_state(state["server_stats"])
+        if self.server_importance is not None and state.get("server_importance") is not None:
+            imp = state["server_importance"]
+            self.server_importance.total = imp["total"].clone()
+            self.server_importance.noise_var = imp["noise_var"].clone()
+            self.server_importance.steps = int(imp["steps"])
 
     # ----- evaluate ----------------------------------------------------------------------
     def configure_evaluate(

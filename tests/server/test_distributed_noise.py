@@ -1,0 +1,121 @@
+"""``dp-noise = "distributed"`` end to end in process: secure aggregation of lattice shares,
+the ledger's two epsilons, dropouts above and below ``secagg-survivors``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from flwr.app import MessageType
+
+from common.accounting import Phase, compute_epsilon
+from common.config import FederatedConfig, TrainConfig
+from common.errors import ConfigError
+from server.runner import run_federated
+from tests.inprocess import InProcessGrid, small_run_configs
+
+pytestmark = pytest.mark.slow
+
+
+def configs(tmp_path, data_dir, *, method="adadpigu", rounds=4, **fed_kw):
+    cfg, fed = small_run_configs(
+        tmp_path,
+        data_dir,
+        epsilon=8.0,
+        rounds=rounds,
+        train_subset=1500,
+        seed=3,
+        min_train=2,
+        dp_noise="distributed",
+        local_steps=1,
+        secagg_key_rounds=2,
+        validation_release="none",
+        **fed_kw,
+    )
+    return cfg.replace(method=method, lr=1.0), fed
+
+
+def _ledger(summary, name="ledger.json"):
+    return json.load(open(os.path.join(summary["run_dir"], name)))
+
+
+def test_distributed_run_charges_the_sum_and_reports_the_own_share(tmp_path, data_dir):
+    cfg, fed = configs(tmp_path, data_dir)
+    grid = InProcessGrid(3)
+    summary = run_federated(grid, cfg, fed, log_fn=lambda s: None)
+    assert summary["stop_reason"] == "completed" and summary["rounds_completed"] == 4
+    assert summary["dp_noise"] == "distributed" and summary["secagg_survivors"] == 3
+    lattice = summary["lattice"]
+    assert (
+        lattice["modulus_bits"] == 32
+        and lattice["wrap_headroom"] < 1
+        and lattice["rounding_inflation"] < 1e-3
+    )
+    ledger, own = _ledger(summary), _ledger(summary, "ledger-own-share.json")
+    sigma = lattice["noise_multiplier"]
+    for silo in ("silo-0", "silo-1", "silo-2"):
+        rounds = ledger["clients"][silo]["rounds"]
+        assert [h["round"] for h in rounds] == [1, 2, 3, 4]
+        assert all(h["steps"] == 1 and h["noise_multiplier"] == pytest.approx(sigma) for h in rounds)
+        assert all(
+            h["noise_multiplier"] == pytest.approx(sigma / math.sqrt(3), rel=1e-9)
+            for h in own["clients"][silo]["rounds"]
+        )
+    q = ledger["clients"]["silo-0"]["rounds"][0]["sample_rate"]
+    direct = compute_epsilon(phases=[Phase(sigma, q, 4)], delta=cfg.delta, accountant=cfg.accountant)
+    assert summary["max_epsilon"] == pytest.approx(direct, rel=1e-6) and summary["max_epsilon"] <= 8.0
+    # a silo's own share alone (everyone else colluding) is worth far more epsilon
+    assert summary["max_epsilon_own_share"] > 2 * summary["max_epsilon"]
+    rows = json.load(open(os.path.join(summary["run_dir"], "metrics.json")))
+    assert all(0 < r["secagg_headroom"] < 0.5 for r in rows[1:])
+    assert rows[-1]["mask_version"] >= 1  # adadpigu: the mask came from the aggregated importance round
+    # the masked vectors are uint32 on the active coordinates: 4 bytes each, as float32 updates
+    assert rows[-1]["bytes_up_per_client"] < 4 * rows[-1]["active_ratio"] * rows[-1]["dense_bytes"] / 4 + 2048
+
+
+def test_a_dropout_above_the_survivor_threshold_is_aggregated(tmp_path, data_dir):
+    def fail(node_index, kind, rnd):
+        return "drop" if kind == MessageType.TRAIN and node_index == 0 and rnd == 2 else None
+
+    cfg, fed = configs(tmp_path, data_dir, method="dpsgd", rounds=3, secagg_survivors=2)
+    summary = run_federated(InProcessGrid(3, fail=fail), cfg, fed, log_fn=lambda s: None)
+    assert summary["stop_reason"] == "completed"
+    rows = json.load(open(os.path.join(summary["run_dir"], "metrics.json")))
+    assert [r["valid_updates"] for r in rows[1:]] == [3, 2, 3]
+    ledger = _ledger(summary)
+    assert [h["round"] for h in ledger["clients"]["silo-0"]["rounds"]] == [1, 2, 3]  # sent: charged
+    assert summary["max_epsilon"] <= 8.0
+
+
+def test_too_few_survivors_stop_the_run_and_the_round_is_not_charged(tmp_path, data_dir):
+    def fail(node_index, kind, rnd):
+        return "drop" if kind == MessageType.TRAIN and node_index == 1 and rnd == 2 else None
+
+    cfg, fed = configs(tmp_path, data_dir, method="dpsgd", rounds=3)  # t = every silo
+    summary = run_federated(InProcessGrid(3, fail=fail), cfg, fed, log_fn=lambda s: None)
+    assert summary["rounds_completed"] == 1
+    assert (
+        summary["stop_reason"].startswith("secure aggregation:") and "2 of 3 silos" in summary["stop_reason"]
+    )
+    for name in ("ledger.json", "ledger-own-share.json"):
+        ledger = _ledger(summary, name)
+        for silo in ("silo-0", "silo-1", "silo-2"):
+            assert [h["round"] for h in ledger["clients"][silo]["rounds"]] == [1]
+
+
+@pytest.mark.parametrize(
+    "fed_kw, train_kw, key",
+    [
+        ({"local_steps": 0}, {}, "local-steps"),
+        ({"local_steps": 1, "fraction_train": 0.5}, {}, "fraction-train"),
+        ({"local_steps": 1}, {"optimizer": "adam"}, "optimizer"),
+        ({"local_steps": 1, "server_optimizer": "fedadam"}, {}, "server-optimizer"),
+        ({"local_steps": 1}, {"method": "nonprivate"}, "dp-noise"),
+    ],
+)
+def test_settings_that_break_distributed_noise_are_refused_by_name(fed_kw, train_kw, key):
+    fed = FederatedConfig(dp_noise="distributed", **fed_kw)
+    with pytest.raises(ConfigError, match=key):
+        fed.check_distributed(TrainConfig(**train_kw))
