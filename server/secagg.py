@@ -157,6 +157,12 @@ class SecureAggregator:
             P.SECAGG_CT: list(cts),
         }
 
+    def abandon(self) -> None:
+        """The round's instance is not unmasked: never use it again, re-key next round."""
+        if self.epoch is not None:
+            self.epoch.used += 1
+        self.dropped_last_round = True
+
     def unmask(self, grid: Grid, masked: dict[int, np.ndarray]) -> np.ndarray:
         """The sum of the survivors' vectors on Z_{2^32} (uint32); SecAggRefused (nothing
         unmasked) when too few survived or too few shares came back."""

@@ -50,7 +50,7 @@ from common.models import ParameterEMA, flat_parameters, load_flat_parameters
 from common.privacy import release_secure_sum
 from common.server_opt import ServerOptimizer, lr_factor
 from server.ledger import PrivacyLedger
-from server.secagg import SecureAggregator
+from server.secagg import SecAggRefused, SecureAggregator
 
 
 class RoundError(UserError):
@@ -543,6 +543,12 @@ class AdaDPIGUStrategy(FedAvg):
             "bytes-down": float(sum(s.down_bytes for s in self.sent.values())),
             "bytes-up": float(sum(v["up_bytes"] for v in valid)),
         }
+        if len(valid) < self.fed.min_train_nodes and self.secagg is not None:
+            # nothing is unmasked (the instance is spent all the same): the round is refused
+            self.secagg.abandon()
+            raise SecAggRefused(
+                f"{len(valid)} valid masked vectors, fewer than min-train-nodes ({self.fed.min_train_nodes})"
+            )
         if len(valid) < self.fed.min_train_nodes:
             log(
                 WARNING,

@@ -133,3 +133,11 @@ def test_bench_deploy_smoke_produces_a_row(tmp_path):
     row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert row["rounds"] == 2 and row["client_phase_seconds_median"] > row["compute_seconds_per_message"] > 0
     assert json.load(open(out))["rows"][0]["silos"] == 2
+
+
+def test_bench_secagg_smoke_recovers_the_sum_and_counts_bytes():
+    from benchmarks.bench_secagg import measure
+
+    row = measure(3, 1000, 2, 1)  # asserts the unmasked sum internally
+    assert row["bits_per_coordinate"] == 32 and row["up_ratio"] >= 1.0
+    assert row["key_setup_s"] > 0 and row["unmask_s"] > 0

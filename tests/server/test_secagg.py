@@ -8,56 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord
 
+from benchmarks.bench_secagg import KeyRouter as KeyGrid
 from client import secagg as client_secagg
 from common import protocol as P
 from common.distributed import MODULUS, add_mod, to_signed
 from server.secagg import SecAggRefused, SecureAggregator
-from tests import fl_fakes  # noqa: F401  (sets Flower's task identity for Message)
-
-
-class KeyGrid:
-    """Routes key-stage and unmask messages to the silos' handlers (in process)."""
-
-    def __init__(self, nodes, *, drop_unmask=()):
-        self.nodes = list(nodes)
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes
-        }
-        self.drop_unmask = set(drop_unmask)
-        self.seen: list[RecordDict] = []
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for m in messages:
-            n, rc = m.metadata.dst_node_id, m.content[P.CONFIG]
-            stage = rc[P.SECAGG_STAGE]
-            self.seen.append(m.content)
-            if stage == P.STAGE_UNMASK and n in self.drop_unmask:
-                continue
-            try:
-                if stage == P.STAGE_KEYS_SETUP:
-                    reply = client_secagg.keys_setup(rc, self.contexts[n], n)
-                elif stage == P.STAGE_KEYS_SHARE:
-                    reply = client_secagg.keys_share(rc, self.contexts[n])
-                else:
-                    reply = client_secagg.unmask(rc, self.contexts[n])
-                out.append(Message(RecordDict({P.CONFIG: reply}), reply_to=m))
-            except Exception as exc:  # noqa: BLE001 - an error reply, as Flower makes one
-                out.append(Message(Error(code=1, reason=str(exc)), reply_to=m))
-        return out
-
-    def masked(self, aggregator: SecureAggregator, vectors: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-        """Each silo's masked vector for the next instance (the COLLECT stage's secure part)."""
-        out = {}
-        for n, v in vectors.items():
-            rc = ConfigRecord(aggregator.collect_fields(n))
-            out[n] = client_secagg.mask_vector(rc, self.contexts[n], np.mod(v, MODULUS).astype(np.uint32))
-        return out
 
 
 def _vectors(nodes, n, seed=0):
