@@ -364,6 +364,11 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
         f"val acc {row['val_accuracy']:.4f} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "
         f"up {row['bytes_up_per_client'] / 1e3:.1f} kB down {row['bytes_down_per_client'] / 1e3:.1f} kB "
         f"rejected {row['rejected_updates']} failed {row['failed_clients']} ({row['seconds']:.1f}s)"
+        + (
+            f" own-share eps {row['max_epsilon_own_share']:.3g}"
+            if not math.isnan(row.get("max_epsilon_own_share", math.nan))
+            else ""
+        )
     )
     if stop_reason != "completed":
         log(WARNING, "stopping after round %d: %s", rnd, stop_reason)
@@ -547,7 +552,13 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
     run.log_fn(
         f"[done] {summary['rounds_completed']} rounds ({stop_reason}); best round {best['round']} "
         f"test acc {best_test:.4f}; final {summary['test_accuracy_final']:.4f}; max epsilon "
-        f"{summary['max_epsilon']}; {run.run_dir}"
+        f"{summary['max_epsilon']}"
+        + (
+            f" against the server (a silo's own share alone: {summary['max_epsilon_own_share']:.4g})"
+            if strategy.distributed
+            else ""
+        )
+        + f"; {run.run_dir}"
     )
     return summary
 
