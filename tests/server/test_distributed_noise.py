@@ -3,6 +3,7 @@ the ledger's two epsilons, dropouts above and below ``secagg-survivors``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import os
 import pytest
 from flwr.app import MessageType
 
+from common import protocol as P
 from common.accounting import Phase, compute_epsilon
 from common.config import FederatedConfig, TrainConfig
 from common.errors import ConfigError
@@ -119,3 +121,40 @@ def test_settings_that_break_distributed_noise_are_refused_by_name(fed_kw, train
     fed = FederatedConfig(dp_noise="distributed", **fed_kw)
     with pytest.raises(ConfigError, match=key):
         fed.check_distributed(TrainConfig(**train_kw))
+
+
+class CrashAfterTwoRounds(InProcessGrid):
+    """Dies when the server asks for nodes for round 3 (round 2 unmasked and checkpointed)."""
+
+    unmasked = 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.content[P.CONFIG].get(P.SECAGG_STAGE) == P.STAGE_UNMASK for m in messages):
+            self.unmasked += 1
+        return super().send_and_receive(messages, timeout=timeout)
+
+    def get_node_ids(self):
+        if self.unmasked == 2:
+            raise RuntimeError("server process died")
+        return super().get_node_ids()
+
+
+def test_a_resumed_distributed_run_charges_what_an_uninterrupted_one_does(tmp_path, data_dir):
+    cfg, fed = configs(tmp_path / "a", data_dir, method="dpsgd", rounds=3)
+    full = run_federated(
+        InProcessGrid(3), cfg, fed, log_fn=lambda s: None, run_dir=str(tmp_path / "a" / "run")
+    )
+    cfg_b, fed_b = configs(tmp_path / "b", data_dir, method="dpsgd", rounds=3)
+    run_b = str(tmp_path / "b" / "run")
+    with pytest.raises(RuntimeError, match="died"):
+        run_federated(CrashAfterTwoRounds(3), cfg_b, fed_b, log_fn=lambda s: None, run_dir=run_b)
+    resumed = run_federated(
+        InProcessGrid(3), cfg_b, dataclasses.replace(fed_b, resume=run_b), log_fn=lambda s: None
+    )
+    assert resumed["rounds_completed"] == 3 and resumed["stop_reason"] == "completed"
+    for name in ("ledger.json", "ledger-own-share.json"):
+        a = _ledger(full, name)["clients"]
+        b = json.load(open(os.path.join(run_b, name)))["clients"]
+        assert {c: v["phases"] for c, v in a.items()} == {c: v["phases"] for c, v in b.items()}
+    assert resumed["max_epsilon_own_share"] == pytest.approx(full["max_epsilon_own_share"])
