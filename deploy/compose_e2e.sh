@@ -4,10 +4,12 @@
 #
 #   deploy/compose_e2e.sh [--quick | --full] [--keep-images DIR] [--require] [--logs DIR]
 #
-#   --quick  (default) 2 silos from the unchanged docker-compose.yml: a run, a run with one
-#            SuperNode stopped mid-round and started again, a run with the restarted silo;
-#            then 3 silos with TLS (docker-compose.tls.yml for 3 silos, deploy/gen_certs.sh)
-#   --full   also 3 silos without TLS and the committed 2-silo TLS pair
+#   --quick  (default) 2 silos from the unchanged docker-compose.yml: a run with one SuperNode
+#            stopped mid-round (and started again after the round), then a run on both silos
+#            (the restarted one included); 3 silos with TLS (generated docker-compose.yml and
+#            docker-compose.tls.yml for 3 silos, certificates from deploy/gen_certs.sh)
+#   --full   also a 2-silo run before the fault, 3 silos without TLS, and the committed
+#            2-silo TLS pair (docker-compose.yml + docker-compose.tls.yml)
 #   --keep-images DIR  keep the engine's storage (images) in DIR for the next call, which
 #            then skips the builds (for development; CI starts from nothing)
 #   --require          fail (exit 1) where no container engine can be installed; without it
@@ -31,7 +33,8 @@
 # /etc/ssl/certs/ca-certificates.crt) is mounted into the build for pip, never copied into an
 # image. The host's local pip sources (file:// indexes and find-links of `pip config list`) are
 # mounted read-only into the build and tried first, so a wheel that is on disk is not downloaded.
-# Environment: E2E_FLWR_IMAGES=standin|pull|auto (auto), E2E_DEBIAN_MIRROR, E2E_BUILD_ARGS
+# Environment: E2E_SCENARIOS (a subset of "basic2 fault2 tls3 plain3 tls2 auth2"; --quick runs
+# "fault2 tls3", --full all), E2E_FLWR_IMAGES=standin|pull|auto (auto), E2E_DEBIAN_MIRROR, E2E_BUILD_ARGS
 # (extra `podman build` arguments for the app image), E2E_STORAGE_DRIVER (overlay),
 # E2E_OCI_RUNTIME (runc), E2E_RUN_TIMEOUT (seconds per `flwr run`, 600).
 set -euo pipefail
@@ -61,6 +64,11 @@ LOGS="${LOGS:-$ROOT/runs/compose-e2e-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$LOGS"
 LOGS="$(cd "$LOGS" && pwd)"
 T_START=$SECONDS
+case "$MODE" in
+  quick) SCENARIOS="${E2E_SCENARIOS:-fault2 tls3}" ;;
+  full) SCENARIOS="${E2E_SCENARIOS:-basic2 fault2 tls3 plain3 tls2 auth2}" ;;
+esac
+want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 log() { printf '[e2e %4ds] %s\n' "$((SECONDS - T_START))" "$*" | tee -a "$LOGS/e2e.log"; }
 die() { log "FAILED: $*"; exit 1; }
@@ -328,30 +336,41 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 
 # Tiny plan: MNIST, 2000 training examples over the silos, RDP accounting, epsilon 8.
 PLAN="importance-rounds=1 train-subset=2000 test-subset=500 batch-size=32 evaluate-every=2 epsilon=8.0 accountant='rdp' seed=0"
-MIN_ACC=0.15   # 10 classes: chance is 0.10
+MIN_ACC=0.15        # 10 classes: chance is 0.10 (500 test examples: 0.15 is ~4 standard errors above)
+MIN_ACC_FAULT=0.12  # runs that lost a silo for a while (and, with auth, got it back mid-run)
 
-# up NAME SILOS FILES... : bring a compose project up and wait for its SuperNodes
+# up NAME SILOS plain|tls FILES... [-- SERVICES...]: bring a compose project up (all of it, or
+# SERVICES) and point the flwr CLI at it; with all of it, wait for its SuperNodes
 up() {
   local name="$1" silos="$2" tls="$3"
   shift 3
-  PORT="$(free_port)"
+  local files=() services=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do files+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && services=("$@")
+  [ -n "${PORT:-}" ] || PORT="$(free_port)"
   export ADADPIGU_SUPERLINK_PORT="$PORT" ADADPIGU_DATA_DIR="$DATA"
-  PROJECTS+=("$name|$*")
-  compose "$name" "$@" up -d --no-build >>"$LOGS/compose.log" 2>&1 || die "compose up $name failed: $(tail -5 "$LOGS/compose.log")"
+  case " ${PROJECTS[*]} " in *" $name|${files[*]} "*) ;; *) PROJECTS+=("$name|${files[*]}") ;; esac
+  compose "$name" "${files[@]}" up -d --no-build "${services[@]}" >>"$LOGS/compose.log" 2>&1 ||
+    die "compose up $name failed: $(tail -5 "$LOGS/compose.log")"
   export FLWR_HOME="$WORK/flwr-home"
   mkdir -p "$FLWR_HOME"
   local security="insecure = true"
   [ "$tls" = tls ] && security="root-certificates = \"$WORK/certs/ca.crt\""
   printf '[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:%s"\n%s\n' "$PORT" "$security" \
     >"$FLWR_HOME/config.toml"
+  [ "${#services[@]}" -eq 0 ] || return 0
+  wait_online "$name" "$silos"
+}
+
+wait_online() { # wait_online NAME N: until N SuperNodes are online (120 s)
   local online=0
   for _ in $(seq 1 120); do
     online="$(online_nodes)"
-    [ "$online" -ge "$silos" ] && break
+    [ "$online" -ge "$2" ] && break
     sleep 1
   done
-  [ "$online" -ge "$silos" ] || die "$name: only $online of $silos SuperNodes online after 120 s"
-  log "$name: $silos SuperNodes online (SuperLink on 127.0.0.1:$PORT)"
+  [ "$online" -ge "$2" ] || die "$1: only $online of $2 SuperNodes online after 120 s"
+  log "$1: $2 SuperNodes online (SuperLink on 127.0.0.1:$PORT)"
 }
 
 online_nodes() {
@@ -397,37 +416,49 @@ wait_log() { # wait_log FILE PATTERN SECONDS
 }
 
 # ----- 2 silos: the committed docker-compose.yml, unchanged --------------------------------------
-P2="e2e2"
-PROJECT_FILES="-f $ROOT/docker-compose.yml"
-step "2 silos: compose up"
-# shellcheck disable=SC2086
-up "$P2" 2 plain $PROJECT_FILES
+two_silos() {
+  P2="e2e2"
+  PROJECT_FILES="-f $ROOT/docker-compose.yml"
+  PORT=""
+  step "2 silos: compose up"
+  # shellcheck disable=SC2086
+  up "$P2" 2 plain $PROJECT_FILES
 
-step "2 silos: run (2 rounds)"
-submit two-silos "num-server-rounds=2 $PLAN min-available-nodes=2 min-train-nodes=2"
-finish two-silos "$P2" --silos 2 --rounds 2 --min-accuracy "$MIN_ACC"
+  if want basic2; then
+    step "2 silos: run (2 rounds)"
+    submit two-silos "num-server-rounds=2 $PLAN min-available-nodes=2 min-train-nodes=2"
+    finish two-silos "$P2" --silos 2 --rounds 2 --min-accuracy "$MIN_ACC"
+  fi
 
-step "2 silos: SuperNode 2 stopped mid-round, started again"
-# shellcheck disable=SC2086
-node2="$(compose "$P2" $PROJECT_FILES ps -q supernode-2)"
-seen="$(podman logs "$node2" 2>&1 | grep -c 'Receiving: train message' || true)"
-submit fault "num-server-rounds=4 $PLAN min-available-nodes=2 min-train-nodes=1 round-timeout=180.0"
-for _ in $(seq 1 240); do
-  [ "$(podman logs "$node2" 2>&1 | grep -c 'Receiving: train message' || true)" -gt "$seen" ] && break
-  kill -0 "$RUN_PID" 2>/dev/null || die "fault: the run ended before supernode-2 got its first train message"
-  sleep 0.5
-done
-t_stop="$(date -u +%s)"
-# shellcheck disable=SC2086
-compose "$P2" $PROJECT_FILES stop supernode-2 >>"$LOGS/compose.log" 2>&1
-log "fault: supernode-2 stopped while training round 1"
-wait_log "$LOGS/fault.log" '\[round   1\]' 300 || die "fault: round 1 never ended: $(grep -v absl "$LOGS/fault.log" | tail -5)"
-# shellcheck disable=SC2086
-compose "$P2" $PROJECT_FILES start supernode-2 >>"$LOGS/compose.log" 2>&1
-log "fault: supernode-2 started again after round 1"
-finish fault "$P2" --silos 2 --rounds 4 --expect-failed --min-accuracy "$MIN_ACC"
-grep -q "Node Unavailable\|failed" "$LOGS/fault.log" || die "fault: the run's log does not mention the lost silo"
-python3 - "$LOGS/fault.check.json" <<'EOF' || die "fault: silo-1 charged after it was stopped"
+  if ! want fault2; then
+    step "2 silos: compose down -v"
+    # shellcheck disable=SC2086
+    compose "$P2" $PROJECT_FILES down -v >>"$LOGS/compose.log" 2>&1 || die "down -v $P2 failed"
+    unset 'PROJECTS[-1]'
+    return 0
+  fi
+
+  step "2 silos: SuperNode 2 stopped mid-round, started again"
+  # shellcheck disable=SC2086
+  node2="$(compose "$P2" $PROJECT_FILES ps -q supernode-2)"
+  seen="$(podman logs "$node2" 2>&1 | grep -c 'Receiving: train message' || true)"
+  submit fault "num-server-rounds=3 $PLAN min-available-nodes=2 min-train-nodes=1 round-timeout=180.0"
+  for _ in $(seq 1 240); do
+    [ "$(podman logs "$node2" 2>&1 | grep -c 'Receiving: train message' || true)" -gt "$seen" ] && break
+    kill -0 "$RUN_PID" 2>/dev/null || die "fault: the run ended before supernode-2 got its first train message"
+    sleep 0.5
+  done
+  t_stop="$(date -u +%s)"
+  # shellcheck disable=SC2086
+  compose "$P2" $PROJECT_FILES stop supernode-2 >>"$LOGS/compose.log" 2>&1
+  log "fault: supernode-2 stopped while training round 1"
+  wait_log "$LOGS/fault.log" '\[round   1\]' 300 || die "fault: round 1 never ended: $(grep -v absl "$LOGS/fault.log" | tail -5)"
+  # shellcheck disable=SC2086
+  compose "$P2" $PROJECT_FILES start supernode-2 >>"$LOGS/compose.log" 2>&1
+  log "fault: supernode-2 started again after round 1"
+  finish fault "$P2" --silos 2 --rounds 3 --expect-failed --min-accuracy "$MIN_ACC_FAULT"
+  grep -q "Node Unavailable\|failed" "$LOGS/fault.log" || die "fault: the run's log does not mention the lost silo"
+  python3 - "$LOGS/fault.check.json" <<'EOF' || die "fault: silo-1 charged after it was stopped"
 import json, sys
 report = json.load(open(sys.argv[1]))
 charged = report["charged_rounds"]
@@ -435,10 +466,10 @@ assert charged["silo-0"] == list(range(1, report["rounds_completed"] + 1)), char
 assert charged["silo-1"] in ([], [1]), charged  # stopped while training round 1
 EOF
 
-step "2 silos: the restarted SuperNode rejoins"
-for _ in $(seq 1 60); do [ "$(online_nodes)" -ge 2 ] && break; sleep 1; done
-"$FLWR" supernode ls e2e --format json >"$LOGS/rejoin.nodes.json" 2>&1
-python3 - "$LOGS/rejoin.nodes.json" "$t_stop" <<'EOF' || die "rejoin: $(cat "$LOGS/rejoin.nodes.json" | head -40)"
+  step "2 silos: the restarted SuperNode rejoins"
+  for _ in $(seq 1 60); do [ "$(online_nodes)" -ge 2 ] && break; sleep 1; done
+  "$FLWR" supernode ls e2e --format json >"$LOGS/rejoin.nodes.json" 2>&1
+  python3 - "$LOGS/rejoin.nodes.json" "$t_stop" <<'EOF' || die "rejoin: $(cat "$LOGS/rejoin.nodes.json" | head -40)"
 import datetime, json, sys
 nodes = json.load(open(sys.argv[1]))["nodes"]
 online = [n for n in nodes if n["status"] == "online"]
@@ -451,19 +482,25 @@ assert len(online) == 2 and len(new) == 1 and gone, nodes
 print(f"rejoin: online {[n['node-id'] for n in online]}; new after the restart {new[0]['node-id']}; "
       f"the stopped one {gone[0]['node-id']} is {gone[0]['status']}")
 EOF
-submit rejoin "num-server-rounds=1 method='dpsgd' train-subset=2000 test-subset=500 batch-size=32 epsilon=8.0 accountant='rdp' seed=0 min-available-nodes=2 min-train-nodes=2"
-finish rejoin "$P2" --silos 2 --rounds 1
+  # the plan of the other runs, on both silos again (in --quick the only fault-free 2-silo run)
+  submit rejoin "num-server-rounds=2 $PLAN min-available-nodes=2 min-train-nodes=2"
+  finish rejoin "$P2" --silos 2 --rounds 2 --min-accuracy "$MIN_ACC"
 
-step "2 silos: compose down -v"
-# shellcheck disable=SC2086
-compose "$P2" $PROJECT_FILES down -v >>"$LOGS/compose.log" 2>&1 || die "down -v $P2 failed"
-unset 'PROJECTS[-1]'
+  step "2 silos: compose down -v"
+  # shellcheck disable=SC2086
+  compose "$P2" $PROJECT_FILES down -v >>"$LOGS/compose.log" 2>&1 || die "down -v $P2 failed"
+  unset 'PROJECTS[-1]'
+}
+if want basic2 || want fault2; then
+  two_silos
+fi
 
 # ----- 3 silos, TLS: generated files, certificates from deploy/gen_certs.sh --------------------
 three_silos() { # three_silos PROJECT tls|plain SILOS BASE [OVERRIDE]
   local name="$1" tls="$2" silos="$3" label="$3 silos"
   [ "$2" = tls ] && label="$3 silos, TLS"
   PROJECT_FILES="-f $4${5:+ -f $5}"
+  PORT=""
   step "$label: compose up"
   # shellcheck disable=SC2086
   up "$name" "$silos" "$tls" $PROJECT_FILES
@@ -476,6 +513,7 @@ three_silos() { # three_silos PROJECT tls|plain SILOS BASE [OVERRIDE]
   unset 'PROJECTS[-1]'
 }
 
+if want tls3 || want tls2 || want auth2; then
 step "certificates (deploy/gen_certs.sh)"
 ADADPIGU_CERT_BITS=2048 bash "$ROOT/deploy/gen_certs.sh" -o "$WORK/certs" -f >>"$LOGS/certs.log" 2>&1 ||
   die "gen_certs.sh failed: $(cat "$LOGS/certs.log")"
@@ -484,10 +522,111 @@ chmod a+r "$WORK/certs"/*
 export ADADPIGU_CERTS_DIR="$WORK/certs"
 python3 "$ROOT/deploy/make_compose.py" --silos 3 -o "$WORK/compose-3.yml"
 python3 "$ROOT/deploy/make_compose.py" --silos 3 --tls -o "$WORK/compose-3.tls.yml"
+fi
 
-three_silos e2e3tls tls 3 "$WORK/compose-3.yml" "$WORK/compose-3.tls.yml"
-if [ "$MODE" = full ]; then
-  three_silos e2e3 plain 3 "$WORK/compose-3.yml"
-  three_silos e2e2tls tls 2 "$ROOT/docker-compose.yml" "$ROOT/docker-compose.tls.yml"
+want tls3 && three_silos e2e3tls tls 3 "$WORK/compose-3.yml" "$WORK/compose-3.tls.yml"
+want plain3 && three_silos e2e3 plain 3 "$WORK/compose-3.yml"
+want tls2 && three_silos e2e2tls tls 2 "$ROOT/docker-compose.yml" "$ROOT/docker-compose.tls.yml"
+
+# ----- 2 silos, TLS and SuperNode authentication: registered keys only ----------------------------
+# The restarted SuperNode comes back under its registered key, i.e. as the same node, and
+# takes part in the rest of the run; an unregistered key is refused.
+auth_scenario() {
+  local name=e2e2auth
+  bash "$ROOT/deploy/gen_supernode_keys.sh" 3 -o "$WORK/keys" -f >>"$LOGS/keys.log" 2>&1 ||
+    die "gen_supernode_keys.sh failed: $(cat "$LOGS/keys.log")"
+  chmod a+r "$WORK/keys"/*   # throw-away test keys, read by the containers' `app` user
+  export ADADPIGU_SUPERNODE_KEYS_DIR="$WORK/keys"
+  python3 "$ROOT/deploy/make_compose.py" --silos 2 --tls --auth -o "$WORK/compose-2.tls-auth.yml"
+  PROJECT_FILES="-f $ROOT/docker-compose.yml -f $WORK/compose-2.tls-auth.yml"
+  PORT=""
+  step "2 silos, TLS + SuperNode auth: compose up, keys registered"
+  # shellcheck disable=SC2086
+  up "$name" 2 tls $PROJECT_FILES -- superlink
+  local i ok=0
+  for i in 1 2; do
+    for _ in $(seq 1 60); do
+      if "$FLWR" supernode register "$WORK/keys/supernode-$i.pub" e2e >>"$LOGS/$name.register.log" 2>&1; then
+        ok=$((ok + 1))
+        break
+      fi
+      sleep 1
+    done
+  done
+  [ "$ok" -eq 2 ] || die "$name: registering the SuperNodes' keys failed: $(tail -5 "$LOGS/$name.register.log")"
+  # shellcheck disable=SC2086
+  up "$name" 2 tls $PROJECT_FILES
+  "$FLWR" supernode ls e2e --format json >"$LOGS/$name.nodes-before.json" 2>&1
+
+  step "2 silos, TLS + SuperNode auth: an unregistered SuperNode is refused"
+  local rogue="${name}-unregistered"
+  podman run -d --name "$rogue" --network "${name}_default" \
+    -v "$WORK/certs/ca.crt:/certificates/ca.crt:ro" -v "$WORK/keys/supernode-3:/supernode-keys/key:ro" \
+    "docker.io/flwr/supernode:$FLWR_VERSION" --root-certificates /certificates/ca.crt --superlink superlink:8000 \
+    --auth-supernode-private-key /supernode-keys/key --node-config "partition-id=0 num-partitions=2" \
+    >/dev/null || die "$name: cannot start the unregistered SuperNode"
+  for _ in $(seq 1 60); do
+    [ "$(podman inspect "$rogue" --format '{{.State.Status}}' 2>/dev/null)" = exited ] && break
+    sleep 0.5
+  done
+  podman logs "$rogue" >"$LOGS/$name.unregistered.log" 2>&1 || true
+  local state
+  state="$(podman inspect "$rogue" --format '{{.State.Status}} {{.State.ExitCode}}' 2>/dev/null || true)"
+  podman rm -f "$rogue" >/dev/null 2>&1 || true
+  "$FLWR" supernode ls e2e --format json >"$LOGS/$name.nodes-after-rogue.json" 2>&1
+  python3 - "$LOGS/$name.nodes-before.json" "$LOGS/$name.nodes-after-rogue.json" <<'PY' ||
+import json, sys
+before, after = (json.load(open(p))["nodes"] for p in sys.argv[1:3])
+assert sorted(n["node-id"] for n in before) == sorted(n["node-id"] for n in after), (before, after)
+assert sum(n["status"] == "online" for n in after) == 2, after
+PY
+    die "$name: the unregistered SuperNode got in: $(cat "$LOGS/$name.nodes-after-rogue.json")"
+  # Flower 1.42: "[code: 2004] Failed to activate SuperNode." and exit code 305
+  grep -q "Failed to activate SuperNode" "$LOGS/$name.unregistered.log" ||
+    die "$name: no refusal in the unregistered SuperNode's log ($state): $(tail -5 "$LOGS/$name.unregistered.log")"
+  log "$name: unregistered SuperNode refused (container $state): $(grep -m1 "Failed to activate SuperNode" "$LOGS/$name.unregistered.log" | cut -c1-160)"
+
+  step "2 silos, TLS + SuperNode auth: SuperNode 2 stopped mid-round, rejoins the run"
+  # shellcheck disable=SC2086
+  node2="$(compose "$name" $PROJECT_FILES ps -q supernode-2)"
+  seen="$(podman logs "$node2" 2>&1 | grep -c 'Receiving: train message' || true)"
+  local id_before
+  id_before="$(python3 -c 'import json,sys; print(sorted(n["node-id"] for n in json.load(open(sys.argv[1]))["nodes"]))' "$LOGS/$name.nodes-before.json")"
+  submit "$name-fault" "num-server-rounds=4 $PLAN min-available-nodes=2 min-train-nodes=1 round-timeout=180.0"
+  for _ in $(seq 1 240); do
+    [ "$(podman logs "$node2" 2>&1 | grep -c 'Receiving: train message' || true)" -gt "$seen" ] && break
+    kill -0 "$RUN_PID" 2>/dev/null || die "$name: the run ended before supernode-2 got its first train message"
+    sleep 0.5
+  done
+  # shellcheck disable=SC2086
+  compose "$name" $PROJECT_FILES stop supernode-2 >>"$LOGS/compose.log" 2>&1
+  log "$name: supernode-2 stopped while training round 1"
+  wait_log "$LOGS/$name-fault.log" '\[round   1\]' 300 || die "$name: round 1 never ended"
+  # shellcheck disable=SC2086
+  compose "$name" $PROJECT_FILES start supernode-2 >>"$LOGS/compose.log" 2>&1
+  log "$name: supernode-2 started again after round 1"
+  finish "$name-fault" "$name" --silos 2 --rounds 4 --expect-failed --min-accuracy "$MIN_ACC_FAULT"
+  "$FLWR" supernode ls e2e --format json >"$LOGS/$name.nodes-end.json" 2>&1
+  python3 - "$LOGS/$name-fault.check.json" "$LOGS/$name.nodes-end.json" "$id_before" <<'PY' ||
+import ast, json, sys
+report = json.load(open(sys.argv[1]))
+nodes = json.load(open(sys.argv[2]))["nodes"]
+ids = sorted(n["node-id"] for n in nodes)
+assert ids == ast.literal_eval(sys.argv[3]), f"node IDs changed: {ids} vs {sys.argv[3]}"
+assert sum(n["status"] == "online" for n in nodes) == 2, nodes
+charged = report["charged_rounds"]
+assert charged["silo-0"] == [1, 2, 3, 4], charged
+assert 1 in charged["silo-1"] and charged["silo-1"][-1] == 4 and len(charged["silo-1"]) < 4, charged
+print(f"rejoined the same run as the same node: silo-1 charged rounds {charged['silo-1']}, node IDs {ids}")
+PY
+    die "$name: the restarted SuperNode did not rejoin the run: $(cat "$LOGS/$name-fault.check.json")"
+
+  step "2 silos, TLS + SuperNode auth: compose down -v"
+  # shellcheck disable=SC2086
+  compose "$name" $PROJECT_FILES down -v >>"$LOGS/compose.log" 2>&1 || die "down -v $name failed"
+  unset 'PROJECTS[-1]'
+}
+if want auth2; then
+  auth_scenario
 fi
 step_end
