@@ -313,7 +313,8 @@ else
     rm -rf "$WORK/rootfs"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$WORK/rootfs" "$mirror" \
       >"$LOGS/debootstrap.log" 2>&1 || die "debootstrap failed: $(tail -3 "$LOGS/debootstrap.log")"
-    tar -C "$WORK/rootfs" -c . | podman import - localhost/debian-base:bookworm >/dev/null
+    tar -C "$WORK/rootfs" -c . | podman import - localhost/debian-base:bookworm >>"$LOGS/debootstrap.log" 2>&1 ||
+      die "podman import of the base failed: $(tail -3 "$LOGS/debootstrap.log")"
     rm -rf "$WORK/rootfs"
   fi
   for c in superlink supernode superexec; do
