@@ -20,7 +20,8 @@
 # What it does: installs the container tools with apt-get where missing (podman, runc,
 # netavark, aardvark-dns, iptables, debootstrap, docker-compose); starts a private Podman
 # (its own containers.conf, storage and network folders under a temporary directory, so that
-# nothing else on the machine is touched) and `podman system service` for docker-compose;
+# nothing else on the machine is touched but Podman's blob-info cache in /var/lib/containers,
+# removed again where this script made it) and `podman system service` for docker-compose;
 # pulls Flower's images docker.io/flwr/{superlink,supernode,superexec}:<version>, or where no
 # registry answers builds stand-ins for them (deploy/flwr-standin/Dockerfile on a debootstrap'ed
 # Debian); builds the app image from ./Dockerfile with `podman build`; brings the compose files
@@ -151,6 +152,10 @@ graphroot = "$WORK/store"
 runroot = "$WORK/run"
 EOF
 
+# Podman keeps a blob-info cache in /var/lib/containers/cache whatever the storage root; the
+# tear-down removes it again where this script made it
+VARLIB_MADE=0
+[ -e /var/lib/containers ] || VARLIB_MADE=1
 SERVICE_PID=""
 PROJECTS=()    # "name|-f a -f b" of every compose project brought up
 cleanup() {
@@ -182,6 +187,7 @@ cleanup() {
   fi
   if [ -z "$KEEP_DIR" ]; then
     rm -rf "$WORK"
+    [ "$VARLIB_MADE" -eq 1 ] && rm -rf /var/lib/containers
   else
     rm -rf "$WORK/certs" "$WORK/flwr-home" "$WORK"/compose-*.yml
   fi
