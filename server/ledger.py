@@ -140,10 +140,13 @@ class PrivacyLedger:
             "mean_epsilon": sum(eps) / len(eps) if eps else 0.0,
         }
 
-    def to_dict(self, *, pending: bool = False) -> dict:
+    def to_dict(self, *, pending: bool = False, round_epsilons: bool = True) -> dict:
         """The whole ledger. ``pending=True`` (the write-ahead copy, written before clients
-        train) leaves epsilons not yet derived as null instead of computing them."""
-        if not pending:
+        train) leaves epsilons not yet derived as null instead of computing them;
+        ``round_epsilons=False`` computes each client's total but not every round's (one
+        accountant call per client instead of one per round: the own-share ledger, whose
+        small noise makes each call slow)."""
+        if not pending and round_epsilons:
             self.fill_epsilons()
         summary = {"max_epsilon": None, "mean_epsilon": None, "pending": True} if pending else self.summary()
         return {
