@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end test of the container deployment (Dockerfile, docker-compose.yml,
-# docker-compose.tls.yml) with Podman and docker-compose, as CI runs it:
+# docker-compose.tls.yml) with Podman and docker-compose (run by hand; not yet in CI, docs/DEPLOY.md):
 #
 #   deploy/compose_e2e.sh [--quick | --full] [--keep-images DIR] [--require] [--logs DIR]
 #
@@ -11,7 +11,7 @@
 #   --full   also a 2-silo run before the fault, 3 silos without TLS, and the committed
 #            2-silo TLS pair (docker-compose.yml + docker-compose.tls.yml)
 #   --keep-images DIR  keep the engine's storage (images) in DIR for the next call, which
-#            then skips the builds (for development; CI starts from nothing)
+#            then skips the builds (for development; a clean run starts from nothing)
 #   --require          fail (exit 1) where no container engine can be installed; without it
 #            that case is a loud skip (exit 0), as docs/DEPLOY.md says
 #   --logs DIR         where logs, timings and the checked run folders go
