@@ -513,7 +513,10 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
     write_json_atomic(os.path.join(run.run_dir, "ledger.json"), ledger.to_dict())
     write_json_atomic(os.path.join(run.run_dir, "rejections.json"), strategy.rejections)
     if strategy.distributed:  # what each silo's own share alone is worth (everyone else colluding)
-        write_json_atomic(os.path.join(run.run_dir, "ledger-own-share.json"), strategy.own_ledger.to_dict(round_epsilons=False))
+        write_json_atomic(
+            os.path.join(run.run_dir, "ledger-own-share.json"),
+            strategy.own_ledger.to_dict(round_epsilons=False),
+        )
     summary = {
         "method": cfg.method,
         "dataset": cfg.dataset,
