@@ -197,10 +197,19 @@ class _Round:
 
 
 def _begin(
-    cfg: TrainConfig, round_cfg: ConfigRecord, arrays: ArrayRecord, context: Context, sigma: float
+    cfg: TrainConfig,
+    round_cfg: ConfigRecord,
+    arrays: ArrayRecord,
+    context: Context,
+    sigma: float,
+    *,
+    keep_state: bool = False,
 ) -> _Round:
-    """What every training round starts with: the silo, its engine at the global model, its
-    own budget checked for ``sigma`` before its data is touched, and its mask."""
+    """What every training round starts with: the silo (its durable state restored), its own
+    budget checked for ``sigma`` before its data is touched, and its engine at the global
+    model with its mask, this round's generators and learning rate; with ``keep_state`` also
+    the silo's AdaCliP statistics and (``keep-optimizer-state``) its optimizer state, read
+    after the restore."""
     silo = get_silo(cfg, context)
     engine = get_engine(cfg, silo)
     server_round = int(round_cfg[P.SERVER_ROUND])
@@ -217,6 +226,21 @@ def _begin(
         tracker.check(Phase(sigma, q, steps))
     _load_global(engine, arrays)
     mask, mask_version = _mask_from_state(round_cfg, context, engine.d)
+    seed_keys = ("client", silo.partition_id, server_round)
+    engine.begin_round(
+        n_train=len(silo.train),
+        q=q,
+        noise_generator=make_generator(cfg.seed, *seed_keys, "noise", device=engine.device),
+        sampling_generator=make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device),
+        mask=mask,
+        stats_state=client_state.load_arrays(context, P.STATE_STATS)
+        if keep_state and engine.stats is not None
+        else None,
+        optimizer_state=client_state.load_arrays(context, P.STATE_OPTIMIZER)
+        if keep_state and round_cfg.get(P.KEEP_OPTIMIZER_STATE, False)
+        else None,
+        lr=float(round_cfg[P.CLIENT_LR]) if P.CLIENT_LR in round_cfg else None,
+    )
     return _Round(silo, engine, server_round, q, steps, durable, tracker, mask, mask_version)
 
 
@@ -242,20 +266,9 @@ def train_round(
 ) -> tuple[ArrayRecord, MetricRecord]:
     phase = str(round_cfg[P.PHASE])
     sigma = float(round_cfg[P.NOISE_MULTIPLIER])
-    r = _begin(cfg, round_cfg, arrays, context, sigma)
-    engine, silo = r.engine, r.silo
-    seed_keys = ("client", silo.partition_id, r.server_round)
     keep_optimizer = bool(round_cfg.get(P.KEEP_OPTIMIZER_STATE, False))
-    engine.begin_round(
-        n_train=len(silo.train),
-        q=r.q,
-        noise_generator=make_generator(cfg.seed, *seed_keys, "noise", device=engine.device),
-        sampling_generator=make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device),
-        mask=r.mask,
-        stats_state=client_state.load_arrays(context, P.STATE_STATS) if engine.stats is not None else None,
-        optimizer_state=client_state.load_arrays(context, P.STATE_OPTIMIZER) if keep_optimizer else None,
-        lr=float(round_cfg[P.CLIENT_LR]) if P.CLIENT_LR in round_cfg else None,
-    )
+    r = _begin(cfg, round_cfg, arrays, context, sigma, keep_state=True)
+    engine, silo = r.engine, r.silo
     result = local_round(
         engine,
         silo.train.to(engine.device) if engine.device.type != "cpu" else silo.train,
@@ -302,18 +315,12 @@ def distributed_share(
     sent = float(round_cfg[P.NOISE_MULTIPLIER])
     if not math.isclose(sigma, sent, rel_tol=1e-9):
         raise BudgetError(f"the lattice gives noise multiplier {sigma:.6g}, the server claims {sent:.6g}")
+    steps = int(round_cfg[P.LOCAL_STEPS])
+    if steps != 1:
+        raise BudgetError(f"distributed noise takes one step per round, the server asked for {steps}")
     r = _begin(cfg, round_cfg, arrays, context, sigma)
-    if r.steps != 1:
-        raise BudgetError(f"distributed noise takes one step per round, the server asked for {r.steps}")
     engine, silo = r.engine, r.silo
     seed_keys = ("client", silo.partition_id, r.server_round)
-    engine.begin_round(
-        n_train=len(silo.train),
-        q=r.q,
-        noise_generator=make_generator(cfg.seed, *seed_keys, "noise", device=engine.device),
-        sampling_generator=make_generator(cfg.seed, *seed_keys, "sampling", device=engine.device),
-        mask=r.mask,
-    )
     center = scale = None
     if adaclip is not None:
         center = adaclip[P.CENTER].numpy()

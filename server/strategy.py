@@ -158,7 +158,6 @@ class AdaDPIGUStrategy(FedAvg):
         self.server_importance = (
             ImportanceAccumulator(self.d, cfg.importance) if self.distributed and cfg.uses_mask else None
         )
-        self.headroom = math.nan
         self.grid: Grid | None = None
 
     # ----- set-up ------------------------------------------------------------------------
@@ -445,59 +444,67 @@ class AdaDPIGUStrategy(FedAvg):
             update = arrays[P.UPDATE].numpy()
         except Exception as exc:  # undecodable payload
             return f"update cannot be decoded: {exc}", {}
+        parsed = {"update": update, "weight": float(n_ex), "up_bytes": arrays.count_bytes(), "node": node}
         if self.distributed:  # a masked vector: only its form can be checked
-            if update.dtype != np.uint32 or update.shape != (sent.expected_len,):
-                return (
-                    f"masked vector has dtype {update.dtype} and shape {tuple(update.shape)}, expected "
-                    f"uint32 ({sent.expected_len},)",
-                    {},
-                )
-            if n_ex != sent.silo.n_train:
-                return (
-                    f"num-examples {n_ex} differs from the size the silo registered ({sent.silo.n_train})",
-                    {},
-                )
-            return None, {
-                "update": update,
-                "weight": float(n_ex),
-                "up_bytes": arrays.count_bytes(),
-                "node": node,
-            }
-        if update.ndim != 1 or update.shape[0] != sent.expected_len:
+            reason = (
+                None
+                if update.dtype == np.uint32 and update.shape == (sent.expected_len,)
+                else f"masked vector has dtype {update.dtype} and shape {tuple(update.shape)}, expected "
+                f"uint32 ({sent.expected_len},)"
+            )
+        else:
+            reason = self._check_update(update, sent.expected_len)
+        if (
+            reason is None and n_ex != sent.silo.n_train
+        ):  # the size the silo registered (declared, by default)
+            reason = f"num-examples {n_ex} differs from the size the silo registered ({sent.silo.n_train})"
+        if (
+            reason is None
+            and not self.distributed
+            and sent.phase_name == P.PHASE_IMPORTANCE
+            and self.cfg.uses_mask
+        ):
+            reason, parsed["importance"] = self._released_importance(arrays, metrics)
+        return (reason, {}) if reason is not None else (None, parsed)
+
+    def _check_update(self, update: np.ndarray, expected_len: int) -> str | None:
+        """Why a (local-noise) sparse update is unusable, or None."""
+        if update.ndim != 1 or update.shape[0] != expected_len:
             return (
-                f"update has shape {tuple(update.shape)}, expected ({sent.expected_len},) "
-                "(the active coordinates of the mask)",
-                {},
+                f"update has shape {tuple(update.shape)}, expected ({expected_len},) "
+                "(the active coordinates of the mask)"
             )
         if not np.issubdtype(update.dtype, np.floating):
-            return f"update has dtype {update.dtype}, expected a float type", {}
+            return f"update has dtype {update.dtype}, expected a float type"
         if not np.all(np.isfinite(update)):
-            return "update contains NaN or inf", {}
+            return "update contains NaN or inf"
         norm = float(np.linalg.norm(update.astype(np.float64)))
         if norm == 0.0:
-            return "update is exactly zero (impossible after Gaussian noise; a broken or idle client)", {}
+            return "update is exactly zero (impossible after Gaussian noise; a broken or idle client)"
         if norm > self.fed.max_update_norm:
-            return f"update norm {norm:.3g} exceeds max-update-norm {self.fed.max_update_norm:g}", {}
-        if n_ex != sent.silo.n_train:  # the size the silo registered (declared, by default)
-            return f"num-examples {n_ex} differs from the size the silo registered ({sent.silo.n_train})", {}
-        parsed = {"update": update, "weight": float(n_ex), "up_bytes": arrays.count_bytes()}
-        if sent.phase_name == P.PHASE_IMPORTANCE and self.cfg.uses_mask:
-            for key in (P.IMPORTANCE_TOTAL, P.IMPORTANCE_NOISE_VAR):
-                if key not in arrays:
-                    return f"importance round reply lacks '{key}'", {}
-                arr = arrays[key].numpy()
-                if arr.shape != (self.d,) or not np.all(np.isfinite(arr)):
-                    return f"'{key}' must be {self.d} finite values", {}
-            steps = int(metrics.get(P.IMPORTANCE_STEPS, 0))
-            if steps <= 0:
-                return "importance round reply has no importance steps", {}
-            parsed["importance"] = importance_scores(
-                torch.from_numpy(arrays[P.IMPORTANCE_TOTAL].numpy().astype(np.float64)),
-                torch.from_numpy(arrays[P.IMPORTANCE_NOISE_VAR].numpy().astype(np.float64)),
-                steps,
-                self.cfg.importance,
-            )
-        return None, parsed
+            return f"update norm {norm:.3g} exceeds max-update-norm {self.fed.max_update_norm:g}"
+        return None
+
+    def _released_importance(
+        self, arrays: ArrayRecord, metrics: MetricRecord
+    ) -> tuple[str | None, torch.Tensor | None]:
+        """An importance round's released sums, as scores (or why they are unusable)."""
+        for key in (P.IMPORTANCE_TOTAL, P.IMPORTANCE_NOISE_VAR):
+            if key not in arrays:
+                return f"importance round reply lacks '{key}'", None
+            arr = arrays[key].numpy()
+            if arr.shape != (self.d,) or not np.all(np.isfinite(arr)):
+                return f"'{key}' must be {self.d} finite values", None
+        steps = int(metrics.get(P.IMPORTANCE_STEPS, 0))
+        if steps <= 0:
+            return "importance round reply has no importance steps", None
+        scores = importance_scores(
+            torch.from_numpy(arrays[P.IMPORTANCE_TOTAL].numpy().astype(np.float64)),
+            torch.from_numpy(arrays[P.IMPORTANCE_NOISE_VAR].numpy().astype(np.float64)),
+            steps,
+            self.cfg.importance,
+        )
+        return None, scores
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -559,10 +566,17 @@ class AdaDPIGUStrategy(FedAvg):
             )
             metrics["insufficient"] = 1
             return None, MetricRecord(metrics)
+        self._step(server_round, valid, metrics)
+        log(INFO, "round %d: aggregated %d/%d updates", server_round, len(valid), len(self.sent))
+        return ArrayRecord(self.model.state_dict()), MetricRecord(metrics)
+
+    def _step(self, server_round: int, valid: list[dict], metrics: dict) -> None:
+        """The server's step from the round's valid replies (the averaged local updates, or
+        the securely aggregated gradient), then the EMA, movement scores and importance."""
         assert self.current_flat is not None
         if self.distributed:
-            delta, lr = self._secure_gradient(server_round, valid), self.client_lr(server_round)
-            metrics["secagg-headroom"] = self.headroom
+            delta, metrics["secagg-headroom"] = self._secure_gradient(server_round, valid)
+            lr = self.client_lr(server_round)
         else:
             delta = aggregate_sparse(
                 [v["update"] for v in valid], [v["weight"] for v in valid], self.mask, self.d
@@ -581,23 +595,21 @@ class AdaDPIGUStrategy(FedAvg):
             for v in valid:
                 self.importance_sum += v["weight"] * v["importance"]
                 self.importance_weight += v["weight"]
-        log(INFO, "round %d: aggregated %d/%d updates", server_round, len(valid), len(self.sent))
-        return ArrayRecord(self.model.state_dict()), MetricRecord(metrics)
 
-    def _secure_gradient(self, server_round: int, valid: list[dict]) -> torch.Tensor:
+    def _secure_gradient(self, server_round: int, valid: list[dict]) -> tuple[torch.Tensor, float]:
         """Distributed noise: unmask the sum of the survivors' vectors (SecAggRefused when too
         few survived), decode it into the released gradient estimate, update the server's
-        importance and clipping statistics from it, and return the step's direction."""
+        importance and clipping statistics from it; (the step's direction, the sum's headroom)."""
         assert self.secagg is not None and self.lattice is not None and self.grid is not None
         total = self.secagg.unmask(self.grid, {v["node"]: v["update"] for v in valid})
         signed = to_signed(total)
-        self.headroom = headroom(signed)
-        if self.headroom > 0.5:
+        room = headroom(signed)
+        if room > 0.5:
             log(
                 WARNING,
                 "round %d: the secure sum reached %.0f%% of the 32-bit range: it may have wrapped",
                 server_round,
-                100 * self.headroom,
+                100 * room,
             )
         plan = self.lattice
         adaptive = (
@@ -622,7 +634,7 @@ class AdaDPIGUStrategy(FedAvg):
             self.importance_weight = 1.0
         if self.server_stats is not None:
             self.server_stats.update_from_released(released)
-        return -released.values.double()
+        return -released.values.double(), room
 
     def evaluation_model(self) -> torch.nn.Module:
         """The model to evaluate and select: the EMA of the weights when ``ema-decay`` > 0."""
