@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end test of the container deployment (Dockerfile, docker-compose.yml,
-# docker-compose.tls.yml) with Podman and docker-compose (run by hand; not yet in CI, docs/DEPLOY.md):
+# docker-compose.tls.yml) with Podman and docker-compose (CI runs --quick after the tests: .ci/run; docs/DEPLOY.md):
 #
 #   deploy/compose_e2e.sh [--quick | --full] [--keep-images DIR] [--require] [--logs DIR]
 #
