@@ -20,10 +20,22 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.errors import ConfigError
+from common.scatter import FEATURES, SCATTER_CHANNELS
 
 METHODS = ("nonprivate", "dpsgd", "adaclip", "adadpigu-static", "adadpigu")
 DATASETS = ("mnist", "fashionmnist", "cifar10")
-MODELS = ("auto", "mnist-cnn", "mnist-cnn-gn", "cifar-cnn", "cifar-cnn-gn", "resnet18-gn")
+MODELS = (
+    "auto",
+    "mnist-cnn",
+    "mnist-cnn-gn",
+    "cifar-cnn",
+    "cifar-cnn-gn",
+    "resnet18-gn",
+    "scatter-cnn",
+    "scatter-linear",
+)
+# the models that take ScatterNet features (features = "scatter"), not pixels
+SCATTER_MODELS = ("scatter-cnn", "scatter-linear")
 ACTIVATIONS = ("tanh", "relu")
 ACCOUNTANTS = ("pld", "rdp")
 OPTIMIZERS = ("sgd", "adam")
@@ -122,6 +134,11 @@ class TrainConfig:
     dataset: str = "mnist"
     model: str = "auto"
     activation: str = "tanh"  # of the paper's CNNs
+    # what the model sees: the images, or their ScatterNet features (Tramer & Boneh 2021; a fixed
+    # transform, no privacy cost, common/scatter.py), normalized per example by a GroupNorm of
+    # scatter-groups groups without parameters
+    features: str = "pixels"
+    scatter_groups: int = 27
     # privacy
     epsilon: float | None = 8.0
     delta: float = 1e-5
@@ -191,6 +208,8 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("dataset", self.dataset, DATASETS)
         _choice("model", self.model, MODELS)
+        _choice("features", self.features, FEATURES)
+        self._check_features()
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -288,7 +307,34 @@ class TrainConfig:
     def resolved_model(self) -> str:
         if self.model != "auto":
             return self.model
+        if self.features == "scatter":
+            return "scatter-cnn"
         return "cifar-cnn" if self.dataset == "cifar10" else "mnist-cnn"
+
+    def _check_features(self) -> None:
+        scatter_model = self.model in SCATTER_MODELS
+        if self.features == "scatter" and self.model not in ("auto", *SCATTER_MODELS):
+            raise ConfigError(
+                "model",
+                self.model,
+                f"features = 'scatter' needs a model made for them ({', '.join(SCATTER_MODELS)}, or auto)",
+            )
+        if scatter_model and self.features != "scatter":
+            raise ConfigError("features", self.features, f"model {self.model} needs features = 'scatter'")
+        if self.features == "scatter":
+            if self.augmult > 0:
+                raise ConfigError(
+                    "augmult",
+                    self.augmult,
+                    "augments images; with features = 'scatter' the model sees fixed features (set 0)",
+                )
+            _number("scatter-groups", self.scatter_groups, lo=1, integer=True)
+            if SCATTER_CHANNELS % self.scatter_groups:
+                raise ConfigError(
+                    "scatter-groups",
+                    self.scatter_groups,
+                    f"must divide the {SCATTER_CHANNELS} scattering channels per image channel",
+                )
 
     def resolved_sample_rate(self, n_train: int) -> float:
         """q: the Poisson sampling rate for a training set of ``n_train`` examples."""
@@ -597,7 +643,9 @@ def split_run_config(values: Mapping[str, Any]) -> tuple[TrainConfig, FederatedC
 HELP: dict[str, str] = {
     "method": "nonprivate | dpsgd | adaclip | adadpigu-static | adadpigu (DESIGN.md §2)",
     "dataset": "mnist | fashionmnist | cifar10",
-    "model": "auto | mnist-cnn | mnist-cnn-gn | cifar-cnn | cifar-cnn-gn | resnet18-gn (-gn: GroupNorm)",
+    "model": "auto | mnist-cnn | mnist-cnn-gn | cifar-cnn | cifar-cnn-gn | resnet18-gn (-gn: GroupNorm) | scatter-cnn | scatter-linear (on features = scatter)",
+    "features": "pixels | scatter: ScatterNet features (J = 2, L = 8; Tramer & Boneh 2021), a fixed transform, no privacy cost",
+    "scatter-groups": "groups of the parameter-free GroupNorm on the scattering features (divides 81)",
     "activation": "tanh | relu, of the paper's CNNs",
     "epsilon": "target epsilon per data holder (calibrates sigma over the whole plan)",
     "delta": "target delta, in (0, 1); well below 1/n",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import DataError
+from common.scatter import FEATURES
 
 _FOLDERS = {"mnist": "MNIST/raw", "fashionmnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
 _NORMALIZE = {
@@ -59,9 +60,12 @@ def _read_files(name: str, root: str, train: bool):
 
 
 @functools.lru_cache(maxsize=8)
-def load_dataset(name: str, data_dir: str, train: bool) -> TensorData:
+def load_dataset(name: str, data_dir: str, train: bool, features: str = "pixels") -> TensorData:
     """Load a whole split into memory (cached per process), reading the files directly
-    (:mod:`common.datafiles`); missing files are downloaded when a network allows."""
+    (:mod:`common.datafiles`); missing files are downloaded when a network allows.
+    ``features = "scatter"``: the images' ScatterNet features instead (:mod:`common.scatter`)."""
+    if features not in FEATURES:
+        raise DataError(f"unknown features '{features}' (known: {', '.join(FEATURES)})")
     from common.datafiles import MissingDataError
 
     if name not in _FOLDERS:
@@ -84,6 +88,10 @@ def load_dataset(name: str, data_dir: str, train: bool) -> TensorData:
     x = (x - m) / s
     if y.numel() and (int(y.min()) < 0 or int(y.max()) > 9):
         raise DataError(f"{name} labels under {root} are outside 0..9: the files are corrupt")
+    if features == "scatter":
+        from common.scatter import cached_scatter_features
+
+        x = cached_scatter_features(x, label=f"{name}-{'train' if train else 'test'}")
     return TensorData(x.contiguous(), y)
 
 
@@ -159,9 +167,10 @@ def load_splits(
     validation_fraction: float = 0.1,
     train_subset: int = 0,
     test_subset: int = 0,
+    features: str = "pixels",
 ) -> Splits:
     """Train / validation / test splits for centralized training."""
-    full = take_subset(load_dataset(name, data_dir, True), train_subset)
+    full = take_subset(load_dataset(name, data_dir, True, features), train_subset)
     train_idx, val_idx = train_validation_split(len(full), validation_fraction)
-    test = take_subset(load_dataset(name, data_dir, False), test_subset)
+    test = take_subset(load_dataset(name, data_dir, False, features), test_subset)
     return Splits(full.subset(train_idx), full.subset(val_idx), test)

@@ -115,7 +115,7 @@ def _layout_key(cfg: TrainConfig, num_partitions: int, data_dir: str) -> tuple:
 
 # settings that do not change which examples a silo holds
 _NOT_DATA = {
-    "method", "model", "activation", "epsilon", "delta", "accountant", "noise_multiplier",
+    "method", "model", "activation", "scatter_groups", "epsilon", "delta", "accountant", "noise_multiplier",
     "pretrain_noise_multiplier", "batch_size", "sample_rate", "clip_norm", "optimizer", "lr", "momentum",
     "lr_schedule", "ema_decay", "augmult", "epochs", "pretrain_fraction", "r0", "r_max", "schedule",
     "mask_scope", "mask_refresh", "importance", "beta1", "beta2", "h1", "h2", "scale_rule", "test_subset",
@@ -132,7 +132,7 @@ def _silo_layout(key: tuple) -> tuple[TensorData, list[tuple[int, int, int]]]:
     from common.partition import partition_indices
 
     cfg, num_partitions, data_dir = key
-    full = take_subset(load_dataset.__wrapped__(cfg.dataset, data_dir, True), cfg.train_subset)
+    full = take_subset(load_dataset.__wrapped__(cfg.dataset, data_dir, True, cfg.features), cfg.train_subset)
     order, spans, start = [], [], 0
     for pid, idx in enumerate(partition_indices(full.y, num_partitions, cfg)):
         if len(idx) < 2:

@@ -118,17 +118,79 @@ def resnet18_gn(in_channels: int = 3) -> nn.Module:
     return model
 
 
-def build_model(name: str, dataset: str, *, activation: str = "tanh") -> nn.Module:
+def scatter_cnn(in_shape: tuple[int, int, int], groups: int, activation: str = "tanh") -> nn.Module:
+    """The CNNs on ScatterNet features of Tramèr & Boneh (2021): a GroupNorm without parameters
+    (per example: DP-safe), then for grayscale (81x7x7) two 3x3 convolutions (16 with stride 2,
+    32) and a 32-unit hidden layer; for colour (243x8x8) 64 3x3, max-pool, 64 3x3 and a linear
+    classifier."""
+    act = ACTIVATIONS[activation]
+    c, h, w = in_shape
+    if h <= 7:
+        body = [
+            nn.Conv2d(c, 16, 3, stride=2, padding=1),
+            act(),
+            nn.Conv2d(16, 32, 3, stride=1, padding=1),
+            act(),
+            nn.Flatten(),
+            nn.Linear(32 * ((h + 1) // 2) * ((w + 1) // 2), 32),
+            act(),
+            nn.Linear(32, NUM_CLASSES),
+        ]
+    else:
+        body = [
+            nn.Conv2d(c, 64, 3, padding=1),
+            act(),
+            MaxPool2dStride2(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            act(),
+            nn.Flatten(),
+            nn.Linear(64 * (h // 2) * (w // 2), NUM_CLASSES),
+        ]
+    return nn.Sequential(nn.GroupNorm(groups, c, affine=False), *body)
+
+
+def scatter_linear(in_shape: tuple[int, int, int], groups: int) -> nn.Module:
+    """A linear classifier on the GroupNorm-ed ScatterNet features (Tramèr & Boneh 2021)."""
+    c, h, w = in_shape
+    return nn.Sequential(
+        nn.GroupNorm(groups, c, affine=False), nn.Flatten(), nn.Linear(c * h * w, NUM_CLASSES)
+    )
+
+
+class MaxPool2dStride2(nn.Module):
+    """``nn.MaxPool2d(2)`` (stride 2), a module the per-sample machinery passes through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, 2)
+
+
+def build_model(name: str, dataset: str, *, activation: str = "tanh", scatter_groups: int = 27) -> nn.Module:
     """Build model ``name`` for ``dataset`` and check that it is DP-compatible.
 
     ``-gn`` variants of the paper's CNNs add GroupNorm after every convolution;
-    ``activation`` (tanh or relu) applies to the paper's CNNs.
+    ``activation`` (tanh or relu) applies to the paper's CNNs and the ScatterNet CNNs;
+    ``scatter-*`` models take the ScatterNet features of the dataset's images.
     """
     if activation not in ACTIVATIONS:
         raise ModelError(f"unknown activation '{activation}' (known: {', '.join(ACTIVATIONS)})")
     if dataset not in INPUT_SHAPES:
         raise ModelError(f"unknown dataset '{dataset}' (known: {', '.join(INPUT_SHAPES)})")
     in_channels = INPUT_SHAPES[dataset][0]
+    if name in ("scatter-cnn", "scatter-linear"):
+        from common.scatter import feature_shape
+
+        shape = feature_shape(INPUT_SHAPES[dataset])
+        if shape[0] % scatter_groups:
+            raise ModelError(
+                f"scatter-groups {scatter_groups} does not divide the {shape[0]} feature channels"
+            )
+        model = (
+            scatter_cnn(shape, scatter_groups, activation)
+            if name == "scatter-cnn"
+            else scatter_linear(shape, scatter_groups)
+        )
+        check_dp_compatible(model)
+        return model
     base, gn = (name[: -len("-gn")], True) if name in ("mnist-cnn-gn", "cifar-cnn-gn") else (name, False)
     if base in ("mnist-cnn", "cifar-cnn"):
         shape = (1, 28, 28) if base == "mnist-cnn" else (3, 32, 32)
@@ -142,7 +204,8 @@ def build_model(name: str, dataset: str, *, activation: str = "tanh") -> nn.Modu
         model = resnet18_gn(in_channels)
     else:
         raise ModelError(
-            f"unknown model '{name}' (known: mnist-cnn, mnist-cnn-gn, cifar-cnn, cifar-cnn-gn, resnet18-gn)"
+            f"unknown model '{name}' (known: mnist-cnn, mnist-cnn-gn, cifar-cnn, cifar-cnn-gn, resnet18-gn, "
+            "scatter-cnn, scatter-linear)"
         )
     check_dp_compatible(model)
     return model
@@ -164,7 +227,9 @@ def check_dp_compatible(model: nn.Module) -> None:
 
 def build_model_for(cfg) -> nn.Module:
     """The model of a run's settings (``TrainConfig``)."""
-    return build_model(cfg.resolved_model(), cfg.dataset, activation=cfg.activation)
+    return build_model(
+        cfg.resolved_model(), cfg.dataset, activation=cfg.activation, scatter_groups=cfg.scatter_groups
+    )
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -118,6 +118,7 @@ def splits_for(cfg: TrainConfig) -> Splits:
         validation_fraction=cfg.validation_fraction,
         train_subset=cfg.train_subset,
         test_subset=cfg.test_subset,
+        features=cfg.features,
     )
 
 

@@ -181,7 +181,7 @@ def register(sub, add_config_flags, config_from_args) -> None:
 
     p = sub.add_parser(
         "compare",
-        help="paired difference of two values of a setting (e.g. methods) over seeds, with a 95% interval",
+        help="paired difference of two values of a setting (e.g. methods) over seeds, with a 95%% interval",
     )
     p.add_argument("dir", nargs="+", help="one or more folders of finished runs")
     p.add_argument("--by", default="method", help="the setting that differs (default: method)")

@@ -77,3 +77,19 @@ def test_user_errors_are_one_line_without_traceback(argv):
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("adadpigu: error:")]
     assert len(lines) == 1, proc.stderr
+
+
+def test_every_help_page_renders(capsys):
+    """``adadpigu --help`` and each sub-command's ``--help`` (a stray ``%`` in a help string
+    once made the top-level page crash)."""
+    import argparse
+
+    from simulations.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for argv in [[], *[[name] for name in sub.choices]]:
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--help"])
+        assert done.value.code == 0, argv
+        assert "usage:" in capsys.readouterr().out
