@@ -60,12 +60,9 @@ def _read_files(name: str, root: str, train: bool):
 
 
 @functools.lru_cache(maxsize=8)
-def load_dataset(name: str, data_dir: str, train: bool, features: str = "pixels") -> TensorData:
+def load_dataset(name: str, data_dir: str, train: bool) -> TensorData:
     """Load a whole split into memory (cached per process), reading the files directly
-    (:mod:`common.datafiles`); missing files are downloaded when a network allows.
-    ``features = "scatter"``: the images' ScatterNet features instead (:mod:`common.scatter`)."""
-    if features not in FEATURES:
-        raise DataError(f"unknown features '{features}' (known: {', '.join(FEATURES)})")
+    (:mod:`common.datafiles`); missing files are downloaded when a network allows."""
     from common.datafiles import MissingDataError
 
     if name not in _FOLDERS:
@@ -88,11 +85,20 @@ def load_dataset(name: str, data_dir: str, train: bool, features: str = "pixels"
     x = (x - m) / s
     if y.numel() and (int(y.min()) < 0 or int(y.max()) > 9):
         raise DataError(f"{name} labels under {root} are outside 0..9: the files are corrupt")
-    if features == "scatter":
-        from common.scatter import cached_scatter_features
-
-        x = cached_scatter_features(x, label=f"{name}-{'train' if train else 'test'}")
     return TensorData(x.contiguous(), y)
+
+
+def with_features(data: TensorData, features: str, label: str = "data") -> TensorData:
+    """``data`` as the model sees it: the images (``pixels``) or their ScatterNet features
+    (``scatter``, :mod:`common.scatter`, from its disk cache when computed before). Applied
+    after subsetting, so a subset costs only its own examples."""
+    if features not in FEATURES:
+        raise DataError(f"unknown features '{features}' (known: {', '.join(FEATURES)})")
+    if features == "pixels":
+        return data
+    from common.scatter import cached_scatter_features
+
+    return TensorData(cached_scatter_features(data.x, label=label), data.y)
 
 
 def _try_download(name: str, root: str, missing: Exception) -> None:
@@ -170,7 +176,11 @@ def load_splits(
     features: str = "pixels",
 ) -> Splits:
     """Train / validation / test splits for centralized training."""
-    full = take_subset(load_dataset(name, data_dir, True, features), train_subset)
+    full = with_features(
+        take_subset(load_dataset(name, data_dir, True), train_subset), features, f"{name}-train"
+    )
     train_idx, val_idx = train_validation_split(len(full), validation_fraction)
-    test = take_subset(load_dataset(name, data_dir, False, features), test_subset)
+    test = with_features(
+        take_subset(load_dataset(name, data_dir, False), test_subset), features, f"{name}-test"
+    )
     return Splits(full.subset(train_idx), full.subset(val_idx), test)

@@ -20,7 +20,7 @@ import torch
 
 from common.accounting import Phase
 from common.config import FederatedConfig, TrainConfig
-from common.data import TensorData, load_dataset, take_subset, train_validation_split
+from common.data import TensorData, load_dataset, take_subset, train_validation_split, with_features
 from common.engine import DPEngine
 from common.errors import ConfigError, DataError
 
@@ -132,7 +132,11 @@ def _silo_layout(key: tuple) -> tuple[TensorData, list[tuple[int, int, int]]]:
     from common.partition import partition_indices
 
     cfg, num_partitions, data_dir = key
-    full = take_subset(load_dataset.__wrapped__(cfg.dataset, data_dir, True, cfg.features), cfg.train_subset)
+    full = with_features(
+        take_subset(load_dataset.__wrapped__(cfg.dataset, data_dir, True), cfg.train_subset),
+        cfg.features,
+        f"{cfg.dataset}-train",
+    )
     order, spans, start = [], [], 0
     for pid, idx in enumerate(partition_indices(full.y, num_partitions, cfg)):
         if len(idx) < 2:

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import FederatedConfig, TrainConfig
-from common.data import TensorData, load_dataset, take_subset
+from common.data import TensorData, load_dataset, take_subset, with_features
 from common.engine import evaluate
 from common.errors import BudgetError, UserError
 from common.models import build_model_for
@@ -169,7 +169,11 @@ def set_up(
 
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
     model = build_model_for(cfg)
-    test = take_subset(load_dataset(cfg.dataset, cfg.data_dir, False, cfg.features), cfg.test_subset)
+    test = with_features(
+        take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset),
+        cfg.features,
+        f"{cfg.dataset}-test",
+    )
     ledger = (
         resumed_ledger
         if resumed_ledger is not None

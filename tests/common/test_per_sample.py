@@ -86,6 +86,13 @@ def _cases():
         torch.randn(3, 1, 28, 28),
     )
     yield "resnet18-gn", build_model("resnet18-gn", "cifar10"), torch.randn(2, 3, 32, 32)
+    yield "scatter-cnn", build_model("scatter-cnn", "mnist"), torch.randn(3, 81, 7, 7)
+    yield "scatter-cnn-cifar", build_model("scatter-cnn", "cifar10"), torch.randn(2, 243, 8, 8)
+    yield (
+        "scatter-linear",
+        build_model("scatter-linear", "fashionmnist", scatter_groups=9),
+        torch.randn(3, 81, 7, 7),
+    )
 
 
 CASES = list(_cases())
@@ -142,6 +149,9 @@ NATIVE = {
     "mnist-cnn",
     "cifar-cnn",
     "resnet18-gn",
+    "scatter-cnn",
+    "scatter-cnn-cifar",
+    "scatter-linear",
 }
 
 

@@ -246,8 +246,8 @@ def test_ctrl_c_stops_every_process(tmp_path, data_dir, tag):
         text=True,
         start_new_session=True,
     )
+    pids: list[int] = []
     try:
-        pids: list[int] = []
         deadline = time.monotonic() + 90
         for line in proc.stdout:
             m = re.search(r"\[deploy\] started (.*) in ", line)
@@ -260,8 +260,12 @@ def test_ctrl_c_stops_every_process(tmp_path, data_dir, tag):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # each component runs in its own process group: stop them all
+            for pgid in [proc.pid, *pids]:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.wait()
     assert proc.returncode == 130, out[-2000:]
     assert "interrupted" in out

@@ -27,7 +27,7 @@ def test_ctrl_c_during_a_round_exits_promptly_and_leaves_nothing_running(tmp_pat
     proc = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    lines, deadline = [], time.time() + 240
+    lines, deadline, family = [], time.time() + 240, []
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -40,8 +40,14 @@ def test_ctrl_c_during_a_round_exits_promptly_and_leaves_nothing_running(tmp_pat
         out, _ = proc.communicate(timeout=60)
         elapsed = time.time() - t0
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failed test leaves nothing running either (Ray's processes)
+            for pid in [*family, *descendants_of(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             proc.kill()
+            proc.wait()
     assert proc.returncode not in (0, None) and elapsed < 30, (proc.returncode, elapsed)
     assert "interrupted" in out.strip().splitlines()[-1]
     time.sleep(1)
