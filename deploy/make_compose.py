@@ -38,7 +38,7 @@ CERT_DIR = "/certificates"
 DATA_MOUNT = "${ADADPIGU_DATA_DIR:-./data}:/data:ro"
 # how often a SuperExec asks for new tasks (Flower's default: 1 s, paid by every message);
 # the same value as `adadpigu deploy-local` (simulations/deploy.py)
-SUPEREXEC_POLL_INTERVAL = "0.1"
+SUPEREXEC_POLL_INTERVAL = "0.25"
 
 
 def _list(items: list[str], indent: int) -> str:

@@ -6,8 +6,10 @@ runtime (``HttpGrid``, hard-coded). A reply that arrives just after a pull waits
 one, so every exchange pays on average half that interval on top of the clients' work: 1.5 s
 per round trip in a deployment (docs/BENCHMARKS.md, ``bench_deploy``). :func:`send_and_receive`
 uses the same public ``push_messages`` / ``pull_messages`` of those grids and pulls at a short
-interval that backs off to :data:`MAX_PULL_INTERVAL`. Any other grid (the tests' in-process
-grids, a user's own) keeps its own ``send_and_receive``.
+interval that backs off to at most 0.05 s in simulation (a pull is a lookup in the driver's
+memory) and 0.25 s in a deployment (a pull is a request to the SuperLink, which also serves
+the SuperNodes). Any other grid (the tests' in-process grids, a user's own) keeps its own
+``send_and_receive``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from flwr.superlink.grid import HttpGrid, InMemoryGrid
 # first pull after this long, then the interval grows by half each pull up to the maximum
 FIRST_PULL_INTERVAL = 0.005
 MAX_PULL_INTERVAL = 0.05
+MAX_PULL_INTERVAL_HTTP = 0.25
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float | None) -> list[Message]:
     """The replies to ``messages`` that arrive within ``timeout`` seconds (``None``: wait for
     all), in arrival order: Flower's ``Grid.send_and_receive`` contract."""
-    if not isinstance(grid, InMemoryGrid | HttpGrid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    return poll_replies(grid, messages, timeout=timeout)
+    if isinstance(grid, InMemoryGrid):
+        return poll_replies(grid, messages, timeout=timeout)
+    if isinstance(grid, HttpGrid):
+        return poll_replies(grid, messages, timeout=timeout, maximum=MAX_PULL_INTERVAL_HTTP)
+    return list(grid.send_and_receive(messages, timeout=timeout))
 
 
 def poll_replies(

@@ -76,11 +76,18 @@ def test_no_messages_no_pull():
 
 def test_flowers_grids_are_polled_other_grids_keep_their_own_send_and_receive(monkeypatch):
     called = []
-    monkeypatch.setattr(messaging, "poll_replies", lambda grid, msgs, timeout: called.append(grid) or [])
+    monkeypatch.setattr(
+        messaging,
+        "poll_replies",
+        lambda grid, msgs, timeout, maximum=messaging.MAX_PULL_INTERVAL: called.append((grid, maximum)) or [],
+    )
     for cls in (InMemoryGrid, HttpGrid):
         grid = object.__new__(cls)  # no state or connection needed to route it
         messaging.send_and_receive(grid, [], timeout=1.0)
-    assert [type(g) for g in called] == [InMemoryGrid, HttpGrid]
+    assert [(type(g), m) for g, m in called] == [
+        (InMemoryGrid, messaging.MAX_PULL_INTERVAL),
+        (HttpGrid, messaging.MAX_PULL_INTERVAL_HTTP),
+    ]
 
     class OwnGrid:
         def send_and_receive(self, messages, *, timeout=None):
