@@ -36,9 +36,6 @@ SUPERLINK_PORT = 8000
 BASE_SUPERNODE_PORT = 9094
 CERT_DIR = "/certificates"
 DATA_MOUNT = "${ADADPIGU_DATA_DIR:-./data}:/data:ro"
-# how often a SuperExec asks for new tasks (Flower's default: 1 s, paid by every message);
-# the same value as `adadpigu deploy-local` (simulations/deploy.py)
-SUPEREXEC_POLL_INTERVAL = "0.25"
 
 
 def _list(items: list[str], indent: int) -> str:
@@ -120,7 +117,6 @@ def _app_service(name: str, command: list[str], depends: str, extra_volumes: lis
         f"{_list([_q(c) for c in command], 6)}"
         "    environment:\n"
         "      ADADPIGU_DATA_DIR: /data\n"
-        f'      FLWR_SUPEREXEC_TASK_POLL_INTERVAL: "{SUPEREXEC_POLL_INTERVAL}"\n'
         "    volumes:\n"
         f"{_list([DATA_MOUNT, *extra_volumes], 6)}"
         "    stop_signal: SIGINT\n"

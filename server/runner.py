@@ -31,7 +31,6 @@ from common.errors import BudgetError, UserError
 from common.models import build_model_for
 from common.outputs import federated_command, run_dir_name, save_checkpoint, write_csv, write_json_atomic
 from server.ledger import PrivacyLedger
-from server.messaging import send_and_receive
 from server.secagg import SecAggRefused
 from server.strategy import AdaDPIGUStrategy, RoundError
 
@@ -231,8 +230,7 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
     nodes = wait_for_nodes(grid, fed.min_available_nodes, fed.startup_timeout)
     t_nodes = time.time()
     query = ConfigRecord({P.TRAIN_CONFIG: strategy.train_config_json})
-    replies = send_and_receive(
-        grid,
+    replies = grid.send_and_receive(
         [
             Message(RecordDict({P.CONFIG: query}), dst_node_id=n, message_type=MessageType.QUERY)
             for n in nodes
@@ -329,7 +327,7 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
     write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict(pending=True))
     accounting = _Prefetch(run.ledger, strategy.planned_phases() if run.cfg.private else {})
     t_send = time.time()
-    replies = send_and_receive(grid, messages, timeout=fed.round_timeout)
+    replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
     t_clients = time.time() - t_send
     accounting.join()
     try:
@@ -413,7 +411,7 @@ def _round_row(
         ev_messages = strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid)
         if ev_messages and strategy.validation_phase() is not None:  # write-ahead, as for training
             write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict(pending=True))
-        ev_replies = send_and_receive(grid, ev_messages, timeout=fed.round_timeout)
+        ev_replies = grid.send_and_receive(ev_messages, timeout=fed.round_timeout)
         val = strategy.aggregate_evaluate(rnd, ev_replies)
     eps = run.ledger.summary(s.name for s in strategy.silos.values())
     n_sent = max(int(agg_d.get("clients-sent", 0)), 1)

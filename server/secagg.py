@@ -35,7 +35,6 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from common import protocol as P
 from common.distributed import add_mod, mask_stream
 from common.errors import UserError
-from server.messaging import send_and_receive
 
 
 class SecAggRefused(UserError):
@@ -84,7 +83,7 @@ class SecureAggregator:
             for n, rc in per_node.items()
         ]
         out = {}
-        for reply in send_and_receive(grid, msgs, timeout=self.timeout):
+        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "secure aggregation: node %s failed a key stage: %s", node, reply.error.reason)

@@ -392,9 +392,6 @@ def _workspace(
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
     )
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    # a SuperExec asks for new tasks every second by default, a delay every message pays
-    # (docs/BENCHMARKS.md, bench_deploy); deploy/make_compose.py sets the same value
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
     if data_dir is not None:
         env["ADADPIGU_DATA_DIR"] = os.path.abspath(os.fspath(data_dir))
     return _Workspace(
