@@ -25,7 +25,15 @@ def test_ctrl_c_during_a_round_exits_promptly_and_leaves_nothing_running(tmp_pat
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # SIGINT may be inherited as ignored (a background job of a non-interactive shell, POSIX);
+        # then Python never raises KeyboardInterrupt: the test needs the default disposition
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines, deadline, family = [], time.time() + 240, []
     try:
