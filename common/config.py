@@ -207,9 +207,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODELS)
-        _choice("features", self.features, FEATURES)
-        self._check_features()
+        self._check_model_and_features()
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("accountant", self.accountant, ACCOUNTANTS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -311,7 +309,9 @@ class TrainConfig:
             return "scatter-cnn"
         return "cifar-cnn" if self.dataset == "cifar10" else "mnist-cnn"
 
-    def _check_features(self) -> None:
+    def _check_model_and_features(self) -> None:
+        _choice("model", self.model, MODELS)
+        _choice("features", self.features, FEATURES)
         scatter_model = self.model in SCATTER_MODELS
         if self.features == "scatter" and self.model not in ("auto", *SCATTER_MODELS):
             raise ConfigError(

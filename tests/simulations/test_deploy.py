@@ -24,6 +24,7 @@ import pytest
 from common.errors import ConfigError, UserError
 from simulations import deploy
 from simulations.cli import main
+from tests.simulations.sigint import sigint_default
 from tests.tagged import tagged_processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -245,9 +246,7 @@ def test_ctrl_c_stops_every_process(tmp_path, data_dir, tag):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        # a process started in the background by a non-interactive shell inherits SIGINT
-        # ignored (POSIX), and Python then never turns SIGINT into KeyboardInterrupt: reset it
-        preexec_fn=_sigint_default,
+        preexec_fn=sigint_default,
     )
     pids: list[int] = []
     try:
@@ -273,7 +272,3 @@ def test_ctrl_c_stops_every_process(tmp_path, data_dir, tag):
     assert proc.returncode == 130, out[-2000:]
     assert "interrupted" in out
     _assert_all_gone(pids, tag)
-
-
-def _sigint_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from simulations.processes import descendants_of, process_alive
+from tests.simulations.sigint import sigint_default
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,16 +26,9 @@ def test_ctrl_c_during_a_round_exits_promptly_and_leaves_nothing_running(tmp_pat
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # SIGINT may be inherited as ignored (a background job of a non-interactive shell, POSIX);
-        # then Python never raises KeyboardInterrupt: the test needs the default disposition
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=sigint_default,
+    )  # fmt: skip
     lines, deadline, family = [], time.time() + 240, []
     try:
         for line in proc.stdout:
