@@ -49,7 +49,6 @@ def check(
     expect_failed: bool = False,
 ) -> tuple[list[str], dict]:
     """Problems found (empty = fine) and a short report."""
-    problems: list[str] = []
     try:
         summary = _load(run, "summary.json")
         metrics = _load(run, "metrics.json")
@@ -57,8 +56,33 @@ def check(
     except (OSError, ValueError) as exc:
         return [str(exc)], {}
     target = float(summary.get("target_epsilon") or ledger.get("target_epsilon") or math.inf)
+    problems = _check_summary(summary, ledger, target, silos, rounds, min_accuracy, expect_failed)
+    failed = _check_metrics(metrics, summary.get("rounds_completed"), target, expect_failed, problems)
+    per_silo = _check_ledger(ledger, metrics, target, silos, problems)
+    report = {
+        "run": run.name,
+        "silos": silos,
+        "rounds_completed": summary.get("rounds_completed"),
+        "stop_reason": str(summary.get("stop_reason")),
+        "max_epsilon": summary.get("max_epsilon"),
+        "target_epsilon": target,
+        "test_accuracy_final": summary.get("test_accuracy_final"),
+        "failed_clients": failed,
+        "charged_rounds": per_silo,
+    }
+    return problems, report
 
-    # ----- summary
+
+def _check_summary(
+    summary: dict,
+    ledger: dict,
+    target: float,
+    silos: int,
+    rounds: int,
+    min_accuracy: float,
+    expect_failed: bool,
+) -> list[str]:
+    problems: list[str] = []
     if summary.get("num_silos") != silos:
         problems.append(f"summary: num_silos {summary.get('num_silos')}, expected {silos}")
     done = summary.get("rounds_completed")
@@ -76,8 +100,11 @@ def check(
     acc = summary.get("test_accuracy_final")
     if min_accuracy > 0 and not (isinstance(acc, int | float) and acc > min_accuracy):
         problems.append(f"summary: final test accuracy {acc} not above {min_accuracy}")
+    return problems
 
-    # ----- metrics
+
+def _check_metrics(metrics: list, done, target: float, expect_failed: bool, problems: list[str]) -> int:
+    """Append the metrics' problems; return the failed clients counted over the rounds."""
     round_numbers = [r.get("round") for r in metrics]
     if round_numbers != list(range(len(metrics))) or (done is not None and len(metrics) != done + 1):
         problems.append(f"metrics: rounds {round_numbers}, expected 0..{done}")
@@ -94,8 +121,11 @@ def check(
     failed = sum(int(r.get("failed_clients") or 0) for r in metrics if r.get("round", 0) > 0)
     if expect_failed and failed < 1:
         problems.append("metrics: no round counted a failed client, but a SuperNode was stopped")
+    return failed
 
-    # ----- ledger
+
+def _check_ledger(ledger: dict, metrics: list, target: float, silos: int, problems: list[str]) -> dict:
+    """Append the ledger's problems; return the rounds charged per silo."""
     accounts = ledger.get("clients", {})
     want = {f"silo-{i}" for i in range(silos)}
     if set(accounts) != want:
@@ -104,23 +134,10 @@ def check(
     per_silo: dict[str, list[int]] = {}
     for name, acct in sorted(accounts.items()):
         rows = acct.get("rounds", [])
-        seen = [int(r["round"]) for r in rows]
-        per_silo[name] = seen
-        if len(set(seen)) != len(seen) or seen != sorted(seen):
-            problems.append(f"ledger: {name} charged rounds {seen} (a round twice, or out of order)")
-        steps, eps_prev = 0, 0.0
+        per_silo[name] = [int(r["round"]) for r in rows]
+        _check_account(name, acct, rows, target, problems)
         for r in rows:
-            steps += int(r["steps"])
-            if int(r["total_steps"]) != steps:
-                problems.append(
-                    f"ledger: {name} round {r['round']} total_steps {r['total_steps']} != {steps}"
-                )
-            if float(r["epsilon"]) + EPS_SLACK < eps_prev or float(r["epsilon"]) > target + EPS_SLACK:
-                problems.append(f"ledger: {name} round {r['round']} epsilon {r['epsilon']} (target {target})")
-            eps_prev = float(r["epsilon"])
             charged[int(r["round"])] = charged.get(int(r["round"]), 0) + 1
-        if rows and abs(float(acct.get("epsilon", -1)) - eps_prev) > 1e-9:
-            problems.append(f"ledger: {name} epsilon {acct.get('epsilon')} != its last round's {eps_prev}")
     if accounts:
         top = max(float(a.get("epsilon", 0.0)) for a in accounts.values())
         if abs(float(ledger.get("max_epsilon", -1)) - top) > 1e-9:
@@ -132,22 +149,26 @@ def check(
                 problems.append(
                     f"ledger: round {r} charged {charged.get(r, 0)} silos, sent to {row['clients']}"
                 )
-        extra = sorted(set(charged) - set(round_numbers))
+        extra = sorted(set(charged) - {r.get("round") for r in metrics})
         if extra:
             problems.append(f"ledger: rounds {extra} charged but not in metrics")
+    return per_silo
 
-    report = {
-        "run": run.name,
-        "silos": silos,
-        "rounds_completed": done,
-        "stop_reason": reason,
-        "max_epsilon": max_eps,
-        "target_epsilon": target,
-        "test_accuracy_final": acc,
-        "failed_clients": failed,
-        "charged_rounds": per_silo,
-    }
-    return problems, report
+
+def _check_account(name: str, acct: dict, rows: list, target: float, problems: list[str]) -> None:
+    seen = [int(r["round"]) for r in rows]
+    if len(set(seen)) != len(seen) or seen != sorted(seen):
+        problems.append(f"ledger: {name} charged rounds {seen} (a round twice, or out of order)")
+    steps, eps_prev = 0, 0.0
+    for r in rows:
+        steps += int(r["steps"])
+        if int(r["total_steps"]) != steps:
+            problems.append(f"ledger: {name} round {r['round']} total_steps {r['total_steps']} != {steps}")
+        if float(r["epsilon"]) + EPS_SLACK < eps_prev or float(r["epsilon"]) > target + EPS_SLACK:
+            problems.append(f"ledger: {name} round {r['round']} epsilon {r['epsilon']} (target {target})")
+        eps_prev = float(r["epsilon"])
+    if rows and abs(float(acct.get("epsilon", -1)) - eps_prev) > 1e-9:
+        problems.append(f"ledger: {name} epsilon {acct.get('epsilon')} != its last round's {eps_prev}")
 
 
 def main(argv: list[str] | None = None) -> int:
