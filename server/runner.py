@@ -59,6 +59,13 @@ def fed_run_dir(cfg: TrainConfig, fed: FederatedConfig) -> str:
 _NOT_RESULT_CHANGING = {"out-dir", "data-dir", "device", "resume", "round-timeout", "startup-timeout"}
 
 
+# Settings added after runs were checkpointed, each with the value that reproduces what those
+# runs did: a checkpoint without the key resumes as if it had this value. Only keys whose
+# default is the old behaviour belong here (silo-sizes, for one, does not: its default changed
+# what a run sends).
+ADDED_SETTINGS = {"features": "pixels", "scatter-groups": 27}
+
+
 def config_fingerprint(cfg: TrainConfig, fed: FederatedConfig) -> dict:
     """The settings a resumed run must share with the run it continues."""
     merged = {**cfg.to_dict(), **fed.to_dict()}
@@ -73,7 +80,7 @@ def load_checkpoint(run_dir: str, cfg: TrainConfig, fed: FederatedConfig) -> tup
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UserError(f"resume: {path} cannot be read: {exc}") from None
-    old, new = ckpt["fingerprint"], config_fingerprint(cfg, fed)
+    old, new = {**ADDED_SETTINGS, **ckpt["fingerprint"]}, config_fingerprint(cfg, fed)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])

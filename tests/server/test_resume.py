@@ -106,6 +106,36 @@ def test_resume_with_different_settings_is_refused(tmp_path, data_dir):
     assert open(os.path.join(run, "ledger.json")).read() == before  # nothing damaged
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_old_behaviour(tmp_path, data_dir):
+    """A run checkpointed before ``features`` / ``scatter-groups`` existed resumes when they are
+    at the values that reproduce it; a missing key without such a value is still refused."""
+    import torch
+
+    from server.runner import ADDED_SETTINGS
+
+    cfg, fed = configs(tmp_path, data_dir)
+    run = str(tmp_path / "run")
+    with pytest.raises(Crash):
+        run_federated(CrashBetweenRounds(3), cfg, fed, log_fn=lambda s: None, run_dir=run)
+    path = os.path.join(run, "checkpoint.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert {k: ckpt["fingerprint"][k] for k in ADDED_SETTINGS} == ADDED_SETTINGS  # the defaults
+    for key in ADDED_SETTINGS:
+        del ckpt["fingerprint"][key]
+    torch.save(ckpt, path)
+    resume = fed.__class__(**{**fed.__dict__, "resume": run})
+    with pytest.raises(UserError, match=r"settings differ.*features: 'pixels' -> 'scatter'"):
+        run_federated(InProcessGrid(3), cfg.replace(features="scatter", model="scatter-linear"), resume,
+                      log_fn=lambda s: None)  # fmt: skip
+    resumed = run_federated(InProcessGrid(3), cfg, resume, log_fn=lambda s: None)
+    assert resumed["rounds_completed"] == 4 and resumed["stop_reason"] == "completed"
+
+    del ckpt["fingerprint"]["lr"]  # a key that is not in ADDED_SETTINGS: refused
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"settings differ.*lr: None"):
+        run_federated(InProcessGrid(3), cfg, resume, log_fn=lambda s: None)
+
+
 SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
