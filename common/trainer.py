@@ -258,6 +258,34 @@ def _open_central_run(
     return run_dir
 
 
+def _central_engine(cfg: TrainConfig, plan: Plan, device) -> DPEngine:
+    """The model (seeded when the config is) inside a DP engine with the run's generators."""
+    torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
+    return DPEngine(
+        build_model_for(cfg),
+        cfg,
+        n_train=plan.n_train,
+        device=device,
+        noise_generator=make_generator(cfg.seed, "central", "noise", device=device),
+        sampling_generator=make_generator(cfg.seed, "central", "sampling", device=device),
+    )
+
+
+def _evaluated(model, splits: Splits) -> dict:
+    """Validation and test loss and accuracy of ``model`` (the columns of a metrics row)."""
+    val_loss, val_acc = evaluate(model, splits.validation)
+    test_loss, test_acc = evaluate(model, splits.test)
+    return dict(val_loss=val_loss, val_accuracy=val_acc, test_accuracy=test_acc, test_loss=test_loss)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (
+        f"[epoch {row['epoch']:3d}/{epochs}] {row['phase']:8s} loss {row['train_loss']:.4f} "
+        f"val acc {row['val_accuracy']:.4f} eps {row['epsilon']:.3f} active {row['active_ratio']:.2f} "
+        f"clipped {row['clipped_fraction']:.2f} ({row['seconds']:.1f}s)"
+    )
+
+
 def train_centralized(
     cfg: TrainConfig,
     *,
@@ -278,18 +306,9 @@ def train_centralized(
     if splits is None:
         splits = splits_for(cfg)
     plan = make_plan(cfg, len(splits.train))
-    torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
-    model = build_model_for(cfg)
-    engine = DPEngine(
-        model,
-        cfg,
-        n_train=plan.n_train,
-        device=device,
-        noise_generator=make_generator(cfg.seed, "central", "noise", device=device),
-        sampling_generator=make_generator(cfg.seed, "central", "sampling", device=device),
-    )
+    engine = _central_engine(cfg, plan, device)
     train_data = splits.train.to(device)
-    run_dir = _open_central_run(cfg, plan, run_dir, command, log, num_parameters(model))
+    run_dir = _open_central_run(cfg, plan, run_dir, command, log, num_parameters(engine.model))
 
     tracker = PrivacyTracker(
         delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
@@ -308,26 +327,19 @@ def train_centralized(
             _charge_epoch(tracker, plan, step)
         step, train_loss, clipped = _train_epoch(engine, masks, train_data, step, plan.steps_per_epoch, ema)
         eval_model = engine.model if ema is None else ema.averaged(engine.model)
-        val_loss, val_acc = evaluate(eval_model, splits.validation)
-        test_loss, test_acc = evaluate(eval_model, splits.test)
-        eps = tracker.epsilon() if cfg.private else math.inf
         row = dict(
             epoch=epoch, step=step, phase="pretrain" if step <= plan.pretrain_steps else "train",
-            train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc, test_accuracy=test_acc,
-            test_loss=test_loss, epsilon=eps, active_ratio=engine.active_ratio, clipped_fraction=clipped,
-            seconds=time.time() - t_epoch,
+            train_loss=train_loss, **_evaluated(eval_model, splits),
+            epsilon=tracker.epsilon() if cfg.private else math.inf, active_ratio=engine.active_ratio,
+            clipped_fraction=clipped, seconds=time.time() - t_epoch,
         )  # fmt: skip
         metrics.append(row)
-        if val_acc > best["val_accuracy"]:
-            best = {"val_accuracy": val_acc, "epoch": epoch}
+        if row["val_accuracy"] > best["val_accuracy"]:
+            best = {"val_accuracy": row["val_accuracy"], "epoch": epoch}
             best_state = copy.deepcopy(eval_model.state_dict())
         write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
         write_csv(os.path.join(run_dir, "metrics.csv"), metrics)
-        log(
-            f"[epoch {epoch:3d}/{cfg.epochs}] {row['phase']:8s} loss {row['train_loss']:.4f} "
-            f"val acc {val_acc:.4f} eps {eps:.3f} active {row['active_ratio']:.2f} "
-            f"clipped {row['clipped_fraction']:.2f} ({row['seconds']:.1f}s)"
-        )
+        log(_epoch_line(row, cfg.epochs))
     final_state = copy.deepcopy(eval_model.state_dict())
     best_test = _save_models(engine, final_state, best_state, splits.test, run_dir)
     final_test = metrics[-1]["test_accuracy"]

@@ -56,7 +56,8 @@ def check(
     except (OSError, ValueError) as exc:
         return [str(exc)], {}
     target = float(summary.get("target_epsilon") or ledger.get("target_epsilon") or math.inf)
-    problems = _check_summary(summary, ledger, target, silos, rounds, min_accuracy, expect_failed)
+    problems: list[str] = []
+    _check_summary(summary, ledger, target, silos, rounds, min_accuracy, expect_failed, problems)
     failed = _check_metrics(metrics, summary.get("rounds_completed"), target, expect_failed, problems)
     per_silo = _check_ledger(ledger, metrics, target, silos, problems)
     report = {
@@ -74,15 +75,10 @@ def check(
 
 
 def _check_summary(
-    summary: dict,
-    ledger: dict,
-    target: float,
-    silos: int,
-    rounds: int,
-    min_accuracy: float,
-    expect_failed: bool,
-) -> list[str]:
-    problems: list[str] = []
+    summary: dict, ledger: dict, target: float, silos: int, rounds: int, min_accuracy: float,
+    expect_failed: bool, problems: list[str],
+) -> None:  # fmt: skip
+    """Append the summary's problems."""
     if summary.get("num_silos") != silos:
         problems.append(f"summary: num_silos {summary.get('num_silos')}, expected {silos}")
     done = summary.get("rounds_completed")
@@ -100,7 +96,6 @@ def _check_summary(
     acc = summary.get("test_accuracy_final")
     if min_accuracy > 0 and not (isinstance(acc, int | float) and acc > min_accuracy):
         problems.append(f"summary: final test accuracy {acc} not above {min_accuracy}")
-    return problems
 
 
 def _check_metrics(metrics: list, done, target: float, expect_failed: bool, problems: list[str]) -> int:
