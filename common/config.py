@@ -54,6 +54,9 @@ DP_NOISE = ("local", "distributed")
 SILO_SIZES = ("declared", "exact")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")  # common.server_opt
 LR_SCHEDULES = ("constant", "cosine", "linear")  # common.server_opt.lr_factor
+# how ScatterNet features are normalized: per example (GroupNorm, free) or by DP statistics of
+# the training set (common.feature_norm, charged; centralized only)
+SCATTER_NORMS = ("group", "data")
 
 DEFAULT_DATA_DIR_ENV = "ADADPIGU_DATA_DIR"
 
@@ -139,6 +142,13 @@ class TrainConfig:
     # scatter-groups groups without parameters
     features: str = "pixels"
     scatter_groups: int = 27
+    # or "data": standardize each feature channel by a mean and scale of the training set
+    # released under DP before training (Tramer & Boneh 2021; common/feature_norm.py), two
+    # Gaussian sum queries with noise multiplier scatter-norm-noise on per-example statistics
+    # clipped to scatter-norm-clip; charged to the budget. Centralized training only.
+    scatter_norm: str = "group"
+    scatter_norm_noise: float = 8.0
+    scatter_norm_clip: float = 1.0
     # privacy
     epsilon: float | None = 8.0
     delta: float = 1e-5
@@ -321,6 +331,12 @@ class TrainConfig:
             )
         if scatter_model and self.features != "scatter":
             raise ConfigError("features", self.features, f"model {self.model} needs features = 'scatter'")
+        if self.scatter_norm != "group" and self.features != "scatter":
+            raise ConfigError(
+                "scatter-norm",
+                self.scatter_norm,
+                "normalizes ScatterNet features: it needs features = 'scatter'",
+            )
         if self.features == "scatter":
             if self.augmult > 0:
                 raise ConfigError(
@@ -329,6 +345,9 @@ class TrainConfig:
                     "augments images; with features = 'scatter' the model sees fixed features (set 0)",
                 )
             _number("scatter-groups", self.scatter_groups, lo=1, integer=True)
+            _choice("scatter-norm", self.scatter_norm, SCATTER_NORMS)
+            _number("scatter-norm-noise", self.scatter_norm_noise, lo=0.0, lo_open=True, hi=1e9)
+            _number("scatter-norm-clip", self.scatter_norm_clip, lo=0.0, lo_open=True, hi=1e9)
             if SCATTER_CHANNELS % self.scatter_groups:
                 raise ConfigError(
                     "scatter-groups",
@@ -612,6 +631,9 @@ class FederatedConfig:
 # TrainConfig settings that only centralized training reads: a federated run refuses them
 # (its plan is num-server-rounds, importance-rounds, local-epochs / local-steps)
 CENTRALIZED_ONLY = ("epochs", "pretrain-fraction", "pretrain-noise-multiplier")
+# settings a federated run accepts with these values only: scatter-norm = "data" releases
+# statistics of a training set before training, which no silo's ledger accounts for yet
+CENTRALIZED_ONLY_VALUES = {"scatter-norm": ("group",)}
 
 
 def split_run_config(values: Mapping[str, Any]) -> tuple[TrainConfig, FederatedConfig]:
@@ -628,6 +650,13 @@ def split_run_config(values: Mapping[str, Any]) -> tuple[TrainConfig, FederatedC
                 v,
                 "is read by centralized training only (adadpigu train); a federated run's plan is "
                 "num-server-rounds, importance-rounds and local-epochs / local-steps",
+            )
+        allowed = CENTRALIZED_ONLY_VALUES.get(name.replace("_", "-"))
+        if allowed is not None and v not in allowed:
+            raise ConfigError(
+                k,
+                v,
+                f"is centralized training only (adadpigu train); a federated run allows {', '.join(allowed)}",
             )
         if name in train_keys:
             train_part[k] = v
@@ -646,6 +675,9 @@ HELP: dict[str, str] = {
     "model": "auto | mnist-cnn | mnist-cnn-gn | cifar-cnn | cifar-cnn-gn | resnet18-gn (-gn: GroupNorm) | scatter-cnn | scatter-linear (on features = scatter)",
     "features": "pixels | scatter: ScatterNet features (J = 2, L = 8; Tramer & Boneh 2021), a fixed transform, no privacy cost",
     "scatter-groups": "groups of the parameter-free GroupNorm on the scattering features (divides 81)",
+    "scatter-norm": "group (per-example GroupNorm, free) | data (per-channel mean and scale of the training set released under DP, charged; centralized only)",
+    "scatter-norm-noise": "scatter-norm = data: noise multiplier of its two Gaussian releases",
+    "scatter-norm-clip": "scatter-norm = data: L2 clip of each example's per-channel statistics",
     "activation": "tanh | relu, of the paper's CNNs",
     "epsilon": "target epsilon per data holder (calibrates sigma over the whole plan)",
     "delta": "target delta, in (0, 1); well below 1/n",
@@ -732,3 +764,6 @@ def refuse_centralized_only(values: Mapping[str, Any]) -> None:
     for key in CENTRALIZED_ONLY:
         if values.get(key) is not None:
             split_run_config({key: values[key]})  # raises the one error message for it
+    for key, allowed in CENTRALIZED_ONLY_VALUES.items():
+        if values.get(key) not in (None, *allowed):
+            split_run_config({key: values[key]})

@@ -115,7 +115,8 @@ def _layout_key(cfg: TrainConfig, num_partitions: int, data_dir: str) -> tuple:
 
 # settings that do not change which examples a silo holds
 _NOT_DATA = {
-    "method", "model", "activation", "scatter_groups", "epsilon", "delta", "accountant", "noise_multiplier",
+    "method", "model", "activation", "scatter_groups", "scatter_norm", "scatter_norm_noise",
+    "scatter_norm_clip", "epsilon", "delta", "accountant", "noise_multiplier",
     "pretrain_noise_multiplier", "batch_size", "sample_rate", "clip_norm", "optimizer", "lr", "momentum",
     "lr_schedule", "ema_decay", "augmult", "epochs", "pretrain_fraction", "r0", "r_max", "schedule",
     "mask_scope", "mask_refresh", "importance", "beta1", "beta2", "h1", "h2", "scale_rule", "test_subset",

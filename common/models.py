@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelError
+from common.feature_norm import ChannelStandardize
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 NUM_CLASSES = 10
@@ -118,9 +119,20 @@ def resnet18_gn(in_channels: int = 3) -> nn.Module:
     return model
 
 
-def scatter_cnn(in_shape: tuple[int, int, int], groups: int, activation: str = "tanh") -> nn.Module:
+def _scatter_front(channels: int, groups: int, norm: str) -> nn.Module:
+    """How a ScatterNet model normalizes its features: a GroupNorm without parameters (per
+    example, no privacy cost) or, for ``norm = "data"``, a per-channel standardization by
+    statistics released under DP before training (``common.feature_norm``)."""
+    if norm == "data":
+        return ChannelStandardize(channels)
+    return nn.GroupNorm(groups, channels, affine=False)
+
+
+def scatter_cnn(
+    in_shape: tuple[int, int, int], groups: int, activation: str = "tanh", norm: str = "group"
+) -> nn.Module:
     """The CNNs on ScatterNet features of Tramèr & Boneh (2021): a GroupNorm without parameters
-    (per example: DP-safe), then for grayscale (81x7x7) two 3x3 convolutions (16 with stride 2,
+    (per example: DP-safe; or the private data normalization, :func:`_scatter_front`), then for grayscale (81x7x7) two 3x3 convolutions (16 with stride 2,
     32) and a 32-unit hidden layer; for colour (243x8x8) 64 3x3, max-pool, 64 3x3 and a linear
     classifier."""
     act = ACTIVATIONS[activation]
@@ -146,15 +158,13 @@ def scatter_cnn(in_shape: tuple[int, int, int], groups: int, activation: str = "
             nn.Flatten(),
             nn.Linear(64 * (h // 2) * (w // 2), NUM_CLASSES),
         ]
-    return nn.Sequential(nn.GroupNorm(groups, c, affine=False), *body)
+    return nn.Sequential(_scatter_front(c, groups, norm), *body)
 
 
-def scatter_linear(in_shape: tuple[int, int, int], groups: int) -> nn.Module:
-    """A linear classifier on the GroupNorm-ed ScatterNet features (Tramèr & Boneh 2021)."""
+def scatter_linear(in_shape: tuple[int, int, int], groups: int, norm: str = "group") -> nn.Module:
+    """A linear classifier on the normalized ScatterNet features (Tramèr & Boneh 2021)."""
     c, h, w = in_shape
-    return nn.Sequential(
-        nn.GroupNorm(groups, c, affine=False), nn.Flatten(), nn.Linear(c * h * w, NUM_CLASSES)
-    )
+    return nn.Sequential(_scatter_front(c, groups, norm), nn.Flatten(), nn.Linear(c * h * w, NUM_CLASSES))
 
 
 class MaxPool2dStride2(nn.Module):
@@ -164,12 +174,20 @@ class MaxPool2dStride2(nn.Module):
         return F.max_pool2d(x, 2)
 
 
-def build_model(name: str, dataset: str, *, activation: str = "tanh", scatter_groups: int = 27) -> nn.Module:
+def build_model(
+    name: str,
+    dataset: str,
+    *,
+    activation: str = "tanh",
+    scatter_groups: int = 27,
+    scatter_norm: str = "group",
+) -> nn.Module:
     """Build model ``name`` for ``dataset`` and check that it is DP-compatible.
 
     ``-gn`` variants of the paper's CNNs add GroupNorm after every convolution;
     ``activation`` (tanh or relu) applies to the paper's CNNs and the ScatterNet CNNs;
-    ``scatter-*`` models take the ScatterNet features of the dataset's images.
+    ``scatter-*`` models take the ScatterNet features of the dataset's images, normalized by
+    a GroupNorm of ``scatter_groups`` groups or (``scatter_norm = "data"``) by released statistics.
     """
     if activation not in ACTIVATIONS:
         raise ModelError(f"unknown activation '{activation}' (known: {', '.join(ACTIVATIONS)})")
@@ -180,14 +198,16 @@ def build_model(name: str, dataset: str, *, activation: str = "tanh", scatter_gr
         from common.scatter import feature_shape
 
         shape = feature_shape(INPUT_SHAPES[dataset])
+        if scatter_norm not in ("group", "data"):
+            raise ModelError(f"unknown scatter-norm '{scatter_norm}' (known: group, data)")
         if shape[0] % scatter_groups:
             raise ModelError(
                 f"scatter-groups {scatter_groups} does not divide the {shape[0]} feature channels"
             )
         model = (
-            scatter_cnn(shape, scatter_groups, activation)
+            scatter_cnn(shape, scatter_groups, activation, scatter_norm)
             if name == "scatter-cnn"
-            else scatter_linear(shape, scatter_groups)
+            else scatter_linear(shape, scatter_groups, scatter_norm)
         )
         check_dp_compatible(model)
         return model
@@ -228,7 +248,11 @@ def check_dp_compatible(model: nn.Module) -> None:
 def build_model_for(cfg) -> nn.Module:
     """The model of a run's settings (``TrainConfig``)."""
     return build_model(
-        cfg.resolved_model(), cfg.dataset, activation=cfg.activation, scatter_groups=cfg.scatter_groups
+        cfg.resolved_model(),
+        cfg.dataset,
+        activation=cfg.activation,
+        scatter_groups=cfg.scatter_groups,
+        scatter_norm=cfg.scatter_norm,
     )
 
 

@@ -29,6 +29,7 @@ from common.config import TrainConfig
 from common.data import Splits, load_splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
+from common.feature_norm import NORM_RELEASES, release_channel_stats, standardize_layer
 from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule
 from common.models import ParameterEMA, build_model_for, flat_parameters, num_parameters
 from common.outputs import reproduce_command, run_dir_name, write_csv, write_json_atomic
@@ -48,15 +49,24 @@ class Plan:
     noise_multiplier: float
     pretrain_noise_multiplier: float
     planned_epsilon: float
+    # noise multiplier of the released feature statistics (scatter-norm = "data"); 0 = none
+    norm_noise_multiplier: float = 0.0
 
     @property
     def train_steps(self) -> int:
         return self.total_steps - self.pretrain_steps
 
+    def norm_phases(self) -> list[Phase]:
+        """The feature-statistics release, before any training step (empty when there is none)."""
+        if self.norm_noise_multiplier <= 0:
+            return []
+        return [Phase(self.norm_noise_multiplier, 1.0, NORM_RELEASES)]
+
     def phases(self) -> list[Phase]:
         if self.noise_multiplier <= 0:
             return []
         return [
+            *self.norm_phases(),
             Phase(self.pretrain_noise_multiplier, self.sample_rate, self.pretrain_steps),
             Phase(self.noise_multiplier, self.sample_rate, self.train_steps),
         ]
@@ -84,6 +94,8 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
     if not cfg.private:
         return Plan(n_train, q, q * n_train, steps_per_epoch, total, 0, 0.0, 0.0, math.inf)
     sigma_pre = cfg.pretrain_noise_multiplier
+    sigma_norm = cfg.scatter_norm_noise if cfg.scatter_norm == "data" else 0.0
+    norm = [Phase(sigma_norm, 1.0, NORM_RELEASES)] if sigma_norm else []
     if cfg.noise_multiplier is not None:
         sigma = cfg.noise_multiplier
         sigma_pre = sigma_pre or sigma
@@ -94,20 +106,23 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
             q,
             total - t_pre,
             accountant=cfg.accountant,
-            fixed_phases=[Phase(sigma_pre, q, t_pre)],
+            fixed_phases=[*norm, Phase(sigma_pre, q, t_pre)],
         )
     else:
-        sigma = calibrate_noise(cfg.epsilon, cfg.delta, q, total, accountant=cfg.accountant)
+        sigma = calibrate_noise(
+            cfg.epsilon, cfg.delta, q, total, accountant=cfg.accountant, fixed_phases=norm
+        )
         sigma_pre = sigma
-    phases = [Phase(sigma_pre, q, t_pre), Phase(sigma, q, total - t_pre)]
+    phases = [*norm, Phase(sigma_pre, q, t_pre), Phase(sigma, q, total - t_pre)]
     eps = compute_epsilon(phases=phases, delta=cfg.delta, accountant=cfg.accountant)
     if cfg.epsilon is not None and eps > cfg.epsilon * (1 + 1e-9):
         raise BudgetError(
-            f"the plan ({cfg.epochs} epochs, {total} steps, q={q:.4g}, sigma={sigma:g}) spends "
-            f"epsilon {eps:.4f} > target {cfg.epsilon:g}: raise the noise multiplier or leave it "
-            "unset to calibrate it"
+            f"the plan ({cfg.epochs} epochs, {total} steps, q={q:.4g}, sigma={sigma:g}"
+            + (f", feature statistics at sigma {sigma_norm:g}" if norm else "")
+            + f") spends epsilon {eps:.4f} > target {cfg.epsilon:g}: raise the noise multiplier or "
+            "leave it unset to calibrate it"
         )
-    return Plan(n_train, q, q * n_train, steps_per_epoch, total, t_pre, sigma, sigma_pre, eps)
+    return Plan(n_train, q, q * n_train, steps_per_epoch, total, t_pre, sigma, sigma_pre, eps, sigma_norm)
 
 
 def splits_for(cfg: TrainConfig) -> Splits:
@@ -252,7 +267,9 @@ def _open_central_run(
     log(
         f"[plan] {cfg.method} on {cfg.dataset}: n={plan.n_train}, q={plan.sample_rate:.5f}, "
         f"{plan.total_steps} steps ({plan.pretrain_steps} pre-training), sigma={plan.noise_multiplier:.4f}"
-        f" (pre {plan.pretrain_noise_multiplier:.4f}), planned epsilon={plan.planned_epsilon:.4f} "
+        f" (pre {plan.pretrain_noise_multiplier:.4f})"
+        + (f", feature statistics sigma={plan.norm_noise_multiplier:g}" if plan.norm_noise_multiplier else "")
+        + f", planned epsilon={plan.planned_epsilon:.4f} "
         f"at delta={cfg.delta:g}, {n_params} parameters, run folder {run_dir}"
     )
     return run_dir
@@ -268,6 +285,33 @@ def _central_engine(cfg: TrainConfig, plan: Plan, device) -> DPEngine:
         device=device,
         noise_generator=make_generator(cfg.seed, "central", "noise", device=device),
         sampling_generator=make_generator(cfg.seed, "central", "sampling", device=device),
+    )
+
+
+def _release_feature_norm(
+    cfg: TrainConfig, plan: Plan, tracker: PrivacyTracker, model, features, log
+) -> None:
+    """scatter-norm = "data": charge the release of the training features' per-channel
+    statistics, then release them into the model's standardization layer (before any step).
+    The nonprivate method takes the exact statistics."""
+    for phase in plan.norm_phases():
+        tracker.check(phase)
+        tracker.spend(phase)
+    mean, scale = release_channel_stats(
+        features,
+        clip=cfg.scatter_norm_clip,
+        noise_multiplier=plan.norm_noise_multiplier if cfg.private else 0.0,
+        n_public=plan.n_train,
+        generator=make_generator(cfg.seed, "central", "feature-norm"),
+    )
+    layer = standardize_layer(model)
+    assert layer is not None, "scatter-norm = 'data' builds a ChannelStandardize layer"
+    layer.set_stats(mean.to(layer.mean.device), scale.to(layer.scale.device))
+    spent = f"epsilon so far {tracker.epsilon():.4f}" if cfg.private else "exact (nonprivate)"
+    log(
+        f"[norm] per-channel feature statistics released (sigma {plan.norm_noise_multiplier:g}, clip "
+        f"{cfg.scatter_norm_clip:g}, {NORM_RELEASES} Gaussian releases): {spent}; scales "
+        f"{float(scale.min()):.4g} to {float(scale.max()):.4g}"
     )
 
 
@@ -313,6 +357,8 @@ def train_centralized(
     tracker = PrivacyTracker(
         delta=cfg.delta, accountant=cfg.accountant, target_epsilon=cfg.epsilon if cfg.private else None
     )
+    if cfg.scatter_norm == "data":
+        _release_feature_norm(cfg, plan, tracker, engine.model, splits.train.x, log)
     masks = _CentralSteps(cfg, plan)
     metrics: list[dict] = []
     best = {"val_accuracy": -1.0, "epoch": 0}

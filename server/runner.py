@@ -63,7 +63,13 @@ _NOT_RESULT_CHANGING = {"out-dir", "data-dir", "device", "resume", "round-timeou
 # runs did: a checkpoint without the key resumes as if it had this value. Only keys whose
 # default is the old behaviour belong here (silo-sizes, for one, does not: its default changed
 # what a run sends).
-ADDED_SETTINGS = {"features": "pixels", "scatter-groups": 27}
+ADDED_SETTINGS = {
+    "features": "pixels",
+    "scatter-groups": 27,
+    "scatter-norm": "group",
+    "scatter-norm-noise": 8.0,
+    "scatter-norm-clip": 1.0,
+}
 
 
 def config_fingerprint(cfg: TrainConfig, fed: FederatedConfig) -> dict:

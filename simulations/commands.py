@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from common.config import CENTRALIZED_ONLY, FederatedConfig, refuse_centralized_only
+from common.config import CENTRALIZED_ONLY, CENTRALIZED_ONLY_VALUES, FederatedConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
 from simulations.flags import add_setting_flags
 from simulations.launcher import simulate
@@ -57,7 +57,12 @@ def _stop_everything_on_interrupt(grace: float = 10.0):
 
 
 def cmd_simulate(args: argparse.Namespace, config_from_args) -> int:
-    refuse_centralized_only({k: getattr(args, "cfg_" + k.replace("-", "_"), None) for k in CENTRALIZED_ONLY})
+    refuse_centralized_only(
+        {
+            k: getattr(args, "cfg_" + k.replace("-", "_"), None)
+            for k in (*CENTRALIZED_ONLY, *CENTRALIZED_ONLY_VALUES)
+        }
+    )
     cfg = config_from_args(args)
     fed = _fed_from_args(args)
     try:

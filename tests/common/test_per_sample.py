@@ -93,6 +93,9 @@ def _cases():
         build_model("scatter-linear", "fashionmnist", scatter_groups=9),
         torch.randn(3, 81, 7, 7),
     )
+    data_norm = build_model("scatter-cnn", "mnist", scatter_norm="data")
+    data_norm[0].set_stats(torch.randn(81) * 0.1, torch.rand(81) + 0.5)
+    yield "scatter-cnn-data-norm", data_norm, torch.randn(3, 81, 7, 7)
 
 
 CASES = list(_cases())
@@ -152,6 +155,7 @@ NATIVE = {
     "scatter-cnn",
     "scatter-cnn-cifar",
     "scatter-linear",
+    "scatter-cnn-data-norm",
 }
 
 
