@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -72,7 +73,17 @@ def run_once(root: str, cache_dir: str, out_dir: str, run_config: str, timeout: 
         "FLWR_TELEMETRY_ENABLED": "0",
     }
     overrides = f"out-dir='{out_dir}' {run_config}".strip()
-    cmd = ["flwr", "run", ".", "--stream", "--federation-config", FEDERATION_CONFIG, "--run-config", overrides]
+    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
+    cmd = [
+        flwr if os.path.exists(flwr) else "flwr",
+        "run",
+        ".",
+        "--stream",
+        "--federation-config",
+        FEDERATION_CONFIG,
+        "--run-config",
+        overrides,
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -129,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     else:
         for r in rows:
-            print(f"{r['run']:34s} {r['seconds']:7.1f} s  test acc {r['test_accuracy_final']}  rc {r['returncode']}")
+            print(
+                f"{r['run']:34s} {r['seconds']:7.1f} s  test acc {r['test_accuracy_final']}  rc {r['returncode']}"
+            )
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
 

@@ -135,6 +135,18 @@ def test_bench_deploy_smoke_produces_a_row(tmp_path):
     assert json.load(open(out))["rows"][0]["silos"] == 2
 
 
+def test_bench_main_job_smoke_runs_the_readme_command_twice_and_leaves_nothing(tmp_path, data_dir):
+    """The README's main job (shrunk by run-config overrides), cold then warm feature cache."""
+    from benchmarks import bench_main_job
+
+    out = tmp_path / "main.json"
+    plan = "num-server-rounds=2 importance-rounds=1 train-subset=2000 test-subset=300 batch-size=32 seed=0"
+    assert bench_main_job.main(["--run-config", plan, "--timeout", "600", "--out", str(out)]) == 0
+    rows = json.load(open(out))["rows"]
+    assert len(rows) == 2 and all(r["returncode"] == 0 and r["rounds"] == 2 for r in rows)
+    assert all(0.1 < r["test_accuracy_final"] <= 1 and 0 < r["max_epsilon"] <= 8 for r in rows)
+
+
 def test_bench_secagg_smoke_recovers_the_sum_and_counts_bytes():
     from benchmarks.bench_secagg import measure
 
