@@ -631,6 +631,18 @@ class FederatedConfig:
 # TrainConfig settings that only centralized training reads: a federated run refuses them
 # (its plan is num-server-rounds, importance-rounds, local-epochs / local-steps)
 CENTRALIZED_ONLY = ("epochs", "pretrain-fraction", "pretrain-noise-multiplier")
+# The Flower app's settings in pyproject.toml ([tool.flwr.app.config]) that differ from the
+# dataclass defaults: what `flwr run .` starts from, where `adadpigu simulate`, `train` and the
+# sweeps start from the dataclass (tests/simulations/test_flower_config.py keeps the two equal).
+APP_DEFAULTS: dict[str, Any] = {
+    "batch-size": 256,
+    "lr": 2.0,
+    "lr-schedule": "cosine",
+    "min-available-nodes": 2,
+    "min-train-nodes": 2,
+    "features": "scatter",
+    "model": "scatter-linear",
+}
 # settings a federated run accepts with these values only: scatter-norm = "data" releases
 # statistics of a training set before training, which no silo's ledger accounts for yet
 CENTRALIZED_ONLY_VALUES = {"scatter-norm": ("group",)}

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from common.config import FederatedConfig, TrainConfig
+from common.config import APP_DEFAULTS, FederatedConfig, TrainConfig
 
 
 def run_dir_name(cfg: TrainConfig, kind: str = "central") -> str:
@@ -67,8 +67,10 @@ def reproduce_command(cfg: TrainConfig, subcommand: str = "train", fed: Federate
 
 
 def federated_command(cfg: TrainConfig, fed: FederatedConfig) -> str:
-    """``flwr run`` command that reproduces a federated run (settings that differ from defaults)."""
-    defaults = {**TrainConfig().to_dict(), **FederatedConfig().to_dict()}
+    """``flwr run`` command that reproduces a federated run: the settings that differ from the
+    Flower app's (pyproject.toml, :data:`~common.config.APP_DEFAULTS` over the dataclass
+    defaults); then the ``adadpigu simulate`` one (settings that differ from the dataclass)."""
+    defaults = {**TrainConfig().to_dict(), **FederatedConfig().to_dict(), **APP_DEFAULTS}
     changed = _changed({**cfg.to_dict(), **fed.to_dict()}, defaults)
     pairs = [
         f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}"

@@ -6,7 +6,7 @@ import pathlib
 import tomllib
 from dataclasses import fields
 
-from common.config import CENTRALIZED_ONLY, FederatedConfig, TrainConfig, split_run_config
+from common.config import APP_DEFAULTS, CENTRALIZED_ONLY, FederatedConfig, TrainConfig, split_run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,26 @@ def test_pyproject_and_dataclass_defaults_agree_or_say_why():
     defaults = {**TrainConfig().to_dict(), **FederatedConfig().to_dict()}
     differ = {k for k in conf if parsed[k] != defaults[k]}
     assert differ == set(DIFFERENT_ON_PURPOSE), differ ^ set(DIFFERENT_ON_PURPOSE)
+    # the code's copy of them (the reproduce command of a federated run reads it)
+    assert {k: parsed[k] for k in differ} == APP_DEFAULTS
+
+
+def test_the_reproduce_command_of_a_federated_run_starts_from_the_right_defaults():
+    from common.outputs import federated_command
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    shipped, fed = split_run_config(conf)
+    flwr_part, simulate_part = federated_command(shipped, fed).split("  # or: ")
+    # flwr run . already has the app's settings; adadpigu simulate starts from the dataclass
+    assert flwr_part == "flwr run . --run-config ''"
+    for key, value in APP_DEFAULTS.items():
+        assert f"--{key} {value}" in simulate_part
+    # a run with the dataclass's plan (as a federated sweep that does not set it) says so to flwr
+    flwr_part, simulate_part = federated_command(
+        TrainConfig(features="scatter", model="scatter-linear"), fed
+    ).split("  # or: ")
+    assert "batch-size=512" in flwr_part and "lr=0.5" in flwr_part and 'lr-schedule="constant"' in flwr_part
+    assert "--batch-size" not in simulate_part
 
 
 def test_the_flower_app_refuses_settings_it_would_ignore():
