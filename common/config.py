@@ -331,6 +331,7 @@ class TrainConfig:
             )
         if scatter_model and self.features != "scatter":
             raise ConfigError("features", self.features, f"model {self.model} needs features = 'scatter'")
+        _choice("scatter-norm", self.scatter_norm, SCATTER_NORMS)
         if self.scatter_norm != "group" and self.features != "scatter":
             raise ConfigError(
                 "scatter-norm",
@@ -345,7 +346,6 @@ class TrainConfig:
                     "augments images; with features = 'scatter' the model sees fixed features (set 0)",
                 )
             _number("scatter-groups", self.scatter_groups, lo=1, integer=True)
-            _choice("scatter-norm", self.scatter_norm, SCATTER_NORMS)
             _number("scatter-norm-noise", self.scatter_norm_noise, lo=0.0, lo_open=True, hi=1e9)
             _number("scatter-norm-clip", self.scatter_norm_clip, lo=0.0, lo_open=True, hi=1e9)
             if SCATTER_CHANNELS % self.scatter_groups:
