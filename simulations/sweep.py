@@ -37,7 +37,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 
-from common.config import FederatedConfig, TrainConfig, refuse_centralized_only
+from common.config import APP_DEFAULTS, FederatedConfig, TrainConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
 from simulations.processes import process_alive
 from simulations.results import collect  # noqa: F401  (re-exported for callers)
@@ -129,9 +129,24 @@ def cell_dir(sweep: Sweep, cell: dict) -> str:
     return os.path.join(sweep.out_dir, f"{safe}-{digest}")
 
 
+def unset_app_settings(sweep: Sweep) -> list[str]:
+    """The settings in which `flwr run .` (pyproject.toml) differs from the dataclass defaults
+    and which a federated sweep leaves unset in some cell: those cells run the dataclass's
+    values, not the Flower app's (empty for a centralized sweep)."""
+    if sweep.mode != "federated":
+        return []
+    return [k for k in APP_DEFAULTS if any(k not in {**sweep.base, **cell} for cell in sweep.cells())]
+
+
 def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> list[dict]:
     cells = sweep.cells()
     os.makedirs(sweep.out_dir, exist_ok=True)
+    unset = unset_app_settings(sweep)
+    if unset:
+        log(
+            "[sweep] note: a federated sweep starts from the dataclass defaults, as adadpigu simulate; "
+            f"these cells use them, not flwr run's pyproject values, for: {', '.join(unset)}"
+        )
     for i, cell in enumerate(cells, start=1):
         target = cell_dir(sweep, cell)
         if os.path.exists(os.path.join(target, "summary.json")):

@@ -162,3 +162,18 @@ def test_an_interrupted_federated_cell_is_resumed_not_restarted(tmp_path, monkey
     (target / "checkpoint.pt").write_bytes(b"x")
     _run_cell(sweep, {"seed": 0}, str(target), "[t]", lambda s: None)
     assert calls == ["", str(target)]
+
+
+def test_a_federated_sweep_names_the_app_settings_it_leaves_at_the_dataclass_defaults(tmp_path):
+    from simulations.sweep import load_sweep, unset_app_settings
+
+    path = tmp_path / "fed.toml"
+    path.write_text(
+        '[sweep]\nmode = "federated"\n[base]\nbatch-size = 256\nfeatures = "scatter"\n'
+        'model = "scatter-linear"\nmin-available-nodes = 2\nmin-train-nodes = 2\n'
+        "[grid]\nseed = [0]\nlr = [2.0, 1.0]\n"
+    )
+    assert unset_app_settings(load_sweep(str(path))) == ["lr-schedule"]
+    central = tmp_path / "central.toml"
+    central.write_text('[sweep]\nmode = "central"\n[grid]\nseed = [0]\n')
+    assert unset_app_settings(load_sweep(str(central))) == []
