@@ -10,12 +10,13 @@ times; the median wall time is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks.output import emit
 
 VARIANTS = {
     "import client.app": "import client.app",
@@ -57,17 +58,15 @@ def main(argv: list[str] | None = None) -> int:
             {"variant": name, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
         )
     result = {"dataset": args.dataset, "repeats": args.repeats, "rows": rows}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        for r in rows:
-            print(
-                f"{r['variant']:45s} median {r['median_s']:.2f} s (min {r['min_s']:.2f}, max {r['max_s']:.2f})"
-            )
+    emit(
+        result,
+        out=args.out,
+        as_json=args.json,
+        lines=(
+            f"{r['variant']:45s} median {r['median_s']:.2f} s (min {r['min_s']:.2f}, max {r['max_s']:.2f})"
+            for r in rows
+        ),
+    )
     return 0
 
 

@@ -21,46 +21,10 @@ import sys
 import tempfile
 import time
 
-from simulations.processes import kill_descendants, process_alive
+from benchmarks.output import emit
+from simulations.processes import processes_with_env, stop_processes
 
 FEDERATION_CONFIG = "num-supernodes=10 client-resources-num-cpus=1"
-
-
-def _left_behind(flwr_home: str) -> list[int]:
-    """PIDs of processes whose environment carries this ``FLWR_HOME`` (the local SuperLink,
-    SuperExec and their children)."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                if marker in fh.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def _stop(pids: list[int]) -> None:
-    import signal
-
-    for pid in pids:
-        kill_descendants(pid, grace=3.0)
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            continue
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if process_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def run_once(root: str, cache_dir: str, out_dir: str, run_config: str, timeout: float) -> dict:
@@ -91,7 +55,7 @@ def run_once(root: str, cache_dir: str, out_dir: str, run_config: str, timeout: 
     except subprocess.TimeoutExpired:
         rc, tail = 124, "timed out"
     seconds = time.perf_counter() - t0
-    _stop(_left_behind(flwr_home))
+    stop_processes(processes_with_env("FLWR_HOME", flwr_home), grace=3.0)
     shutil.rmtree(flwr_home, ignore_errors=True)
     summaries = sorted(glob.glob(os.path.join(out_dir, "*", "summary.json")), key=os.path.getmtime)
     summary = json.load(open(summaries[-1])) if summaries and rc == 0 else {}
@@ -132,17 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "rows": rows,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        for r in rows:
-            print(
-                f"{r['run']:34s} {r['seconds']:7.1f} s  test acc {r['test_accuracy_final']}  rc {r['returncode']}"
-            )
+    emit(
+        result,
+        out=args.out,
+        as_json=args.json,
+        lines=(
+            f"{r['run']:34s} {r['seconds']:7.1f} s  test acc {r['test_accuracy_final']}  rc {r['returncode']}"
+            for r in rows
+        ),
+    )
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
 

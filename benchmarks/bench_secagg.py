@@ -13,7 +13,6 @@ against the float32 update of local noise. Training itself is not included.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from benchmarks.output import emit
 from client import secagg as client_secagg
 from common import protocol as P
 from common.distributed import MODULUS
@@ -154,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(3, 1000, 2, 1)
     else:
         row = measure(a.silos, dim, a.key_rounds, a.repeats)
-    text = json.dumps(row, indent=2)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text + "\n")
-    print(text if a.json else "\n".join(f"{k}: {v}" for k, v in row.items()))
+    emit(row, out=a.out, as_json=a.json, lines=(f"{k}: {v}" for k, v in row.items()))
     return 0
 
 

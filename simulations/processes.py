@@ -231,18 +231,53 @@ def descendants_of(root: int) -> list[int]:
     return out
 
 
+def processes_with_env(key: str, value: str) -> list[int]:
+    """PIDs (other than ours) of living processes whose environment holds ``key=value``: how
+    the processes a job started are found after their parent is gone (a tag it exported)."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in env and process_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _signal_and_wait(pids: list[int], sig: int, grace: float) -> None:
+    """Send ``sig`` to ``pids`` and wait up to ``grace`` seconds for them to end (reaping
+    children of ours on the way)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(process_alive(p) for p in pids):
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        time.sleep(0.1)
+
+
 def kill_descendants(root: int, grace: float = GRACE_SECONDS) -> list[int]:
     """SIGTERM every descendant of ``root``, SIGKILL what is left after ``grace``; returns
     the PIDs still alive at the end (normally none)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = [p for p in descendants_of(root) if process_alive(p)]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            time.sleep(0.1)
+        _signal_and_wait([p for p in descendants_of(root) if process_alive(p)], sig, grace)
     return [p for p in descendants_of(root) if process_alive(p)]
+
+
+def stop_processes(roots: list[int], grace: float = GRACE_SECONDS) -> list[int]:
+    """SIGTERM ``roots`` and all their descendants, SIGKILL what is left after ``grace``;
+    returns the PIDs still alive at the end (normally none)."""
+
+    def living() -> list[int]:
+        return [p for r in roots for p in (r, *descendants_of(r)) if process_alive(p)]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        _signal_and_wait(living(), sig, grace)
+    return living()
