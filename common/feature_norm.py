@@ -91,6 +91,7 @@ class ChannelStandardize(nn.Module):
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("scale", torch.ones(channels))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        self._checked = False  # ``ready`` seen true once: no device sync on every forward
 
     def set_stats(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
         if mean.shape != self.mean.shape or scale.shape != self.scale.shape:
@@ -102,11 +103,13 @@ class ChannelStandardize(nn.Module):
         self.ready.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.ready):
-            raise RuntimeError(
-                "ChannelStandardize has no statistics: scatter-norm = 'data' releases them before "
-                "training (common.trainer), or load a saved model's state"
-            )
+        if not self._checked:
+            if not bool(self.ready):
+                raise RuntimeError(
+                    "ChannelStandardize has no statistics: scatter-norm = 'data' releases them before "
+                    "training (common.trainer), or load a saved model's state"
+                )
+            self._checked = True
         return (x - self.mean[:, None, None]) / self.scale[:, None, None]
 
 

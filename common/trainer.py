@@ -58,9 +58,7 @@ class Plan:
 
     def norm_phases(self) -> list[Phase]:
         """The feature-statistics release, before any training step (empty when there is none)."""
-        if self.norm_noise_multiplier <= 0:
-            return []
-        return [Phase(self.norm_noise_multiplier, 1.0, NORM_RELEASES)]
+        return _norm_phases(self.norm_noise_multiplier)
 
     def phases(self) -> list[Phase]:
         if self.noise_multiplier <= 0:
@@ -70,6 +68,11 @@ class Plan:
             Phase(self.pretrain_noise_multiplier, self.sample_rate, self.pretrain_steps),
             Phase(self.noise_multiplier, self.sample_rate, self.train_steps),
         ]
+
+
+def _norm_phases(noise_multiplier: float) -> list[Phase]:
+    """The release of the feature statistics (scatter-norm = "data") as DP events; none at 0."""
+    return [Phase(noise_multiplier, 1.0, NORM_RELEASES)] if noise_multiplier > 0 else []
 
 
 def pretrain_steps_for(cfg: TrainConfig, total_steps: int) -> int:
@@ -95,7 +98,7 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
         return Plan(n_train, q, q * n_train, steps_per_epoch, total, 0, 0.0, 0.0, math.inf)
     sigma_pre = cfg.pretrain_noise_multiplier
     sigma_norm = cfg.scatter_norm_noise if cfg.scatter_norm == "data" else 0.0
-    norm = [Phase(sigma_norm, 1.0, NORM_RELEASES)] if sigma_norm else []
+    norm = _norm_phases(sigma_norm)
     if cfg.noise_multiplier is not None:
         sigma = cfg.noise_multiplier
         sigma_pre = sigma_pre or sigma
@@ -300,7 +303,7 @@ def _release_feature_norm(
     mean, scale = release_channel_stats(
         features,
         clip=cfg.scatter_norm_clip,
-        noise_multiplier=plan.norm_noise_multiplier if cfg.private else 0.0,
+        noise_multiplier=plan.norm_noise_multiplier,  # 0 (exact statistics) for nonprivate plans
         n_public=plan.n_train,
         generator=make_generator(cfg.seed, "central", "feature-norm"),
     )
