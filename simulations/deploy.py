@@ -32,7 +32,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -266,30 +266,60 @@ def deploy_local(
     ws = _workspace(overrides, host, superlink_port, tls, data_dir, flwr_home)
 
     # 2. start, watch, stop
-    tracker = ProcessTracker()
-    pids: dict[str, int] = {}
-    output: collections.deque[str] = collections.deque(maxlen=400)
-    errors: list[str] = []
+    run = _start_watch_stop(
+        ws, host, superlink_port, node_ports, t0=t0, deadline=deadline, timeout=timeout, log=log,
+        on_started=on_started, grace=grace, keep_home=flwr_home is not None,
+    )  # fmt: skip
+
+    # 3. what the run left
+    run_dir, summary, logs_dir = _collect(overrides["out-dir"], run.output, t_wall, run.ok, ws, flwr_home)
+    processes = {"pids": run.pids, "descendant_pids": run.tracker.descendants()}
+    where = {"superlink_address": f"{host}:{superlink_port}", "supernode_ports": node_ports}
+    return {"returncode": run.rc, "run_dir": run_dir, "summary": summary, "errors": run.errors, **processes,
+            **where, "seconds": time.monotonic() - t0, "logs": logs_dir}  # fmt: skip
+
+
+@dataclass
+class _RunOutcome:
+    """What step 2 of :func:`deploy_local` leaves: ``flwr run``'s return code, whether the
+    run was watched to its end, the processes started and what ``flwr run`` printed."""
+
     rc: int | None = None
-    ok = interrupted = False
+    ok: bool = False
+    pids: dict[str, int] = field(default_factory=dict)
+    tracker: ProcessTracker = field(default_factory=ProcessTracker)
+    output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
+    errors: list[str] = field(default_factory=list)
+
+
+def _start_watch_stop(
+    ws: _Workspace, host: str, superlink_port: int, node_ports: list[int], *, t0: float, deadline: float,
+    timeout: float, log: Callable[[str], None], on_started, grace: float, keep_home: bool,
+) -> _RunOutcome:  # fmt: skip
+    """Start the SuperLink and the SuperNodes, submit the run and watch it to its end, then
+    stop every process whatever happened (a second Ctrl-C does not cut that short). A failed
+    run keeps its logs (its message names them), not its state; an interrupted one keeps
+    nothing."""
+    run = _RunOutcome()
+    interrupted = False
 
     def start(name: str, argv: list[str], *, pipe: bool = False) -> _Managed:
         proc = _Managed(name, argv, ws.logs / f"{name}.log", ws.env, os.getcwd(), pipe=pipe)
-        tracker.add(proc)
-        pids[name] = proc.pid
+        run.tracker.add(proc)
+        run.pids[name] = proc.pid
         return proc
 
     try:
         with _sigterm_as_interrupt():
             log(
-                f"[deploy] SuperLink on {host}:{superlink_port} ({'TLS' if tls else 'insecure'}), "
-                f"{silos} SuperNodes on ports {node_ports}"
+                f"[deploy] SuperLink on {host}:{superlink_port} ({'TLS' if ws.tls else 'insecure'}), "
+                f"{len(node_ports)} SuperNodes on ports {node_ports}"
             )
             superlink, nodes = _start_topology(start, ws, host, superlink_port, node_ports, t0, deadline)
-            tracker.scan()
+            run.tracker.scan()
             log(
                 "[deploy] started "
-                + ", ".join(f"{name} (pid {pid})" for name, pid in pids.items())
+                + ", ".join(f"{name} (pid {pid})" for name, pid in run.pids.items())
                 + f" in {time.monotonic() - t0:.1f}s; submitting the run"
             )
             runner = start(
@@ -299,30 +329,24 @@ def deploy_local(
                 pipe=True,
             )
             if on_started is not None:
-                on_started(dict(pids))
-            rc = _watch_run(
-                runner, superlink, nodes, tracker, output, errors, log, deadline, timeout, ws.logs
+                on_started(dict(run.pids))
+            run.rc = _watch_run(
+                runner, superlink, nodes, run.tracker, run.output, run.errors, log, deadline, timeout, ws.logs
             )
-            ok = True
+            run.ok = True
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
         with _signals_ignored():  # a second Ctrl-C must not cut the clean-up short
-            left = tracker.stop_all(grace)
+            left = run.tracker.stop_all(grace)
             if interrupted:
                 shutil.rmtree(ws.work, ignore_errors=True)
-            elif not ok:  # keep the logs of a failed run (its message names them), not the state
-                _trim_work(ws.work, remove_home=flwr_home is None)
+            elif not run.ok:
+                _trim_work(ws.work, remove_home=not keep_home)
         if left:
             log(f"[deploy] warning: processes still alive after SIGKILL: {left}")
-
-    # 3. what the run left
-    run_dir, summary, logs_dir = _collect(overrides["out-dir"], output, t_wall, ok, ws, flwr_home)
-    processes = {"pids": pids, "descendant_pids": tracker.descendants()}
-    where = {"superlink_address": f"{host}:{superlink_port}", "supernode_ports": node_ports}
-    return {"returncode": rc, "run_dir": run_dir, "summary": summary, "errors": errors, **processes, **where,
-            "seconds": time.monotonic() - t0, "logs": logs_dir}  # fmt: skip
+    return run
 
 
 def _check_positive(**values: float) -> None:
