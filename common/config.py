@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.errors import ConfigError
+from common.feature_norm import SCATTER_NORMS
 from common.scatter import FEATURES, SCATTER_CHANNELS
 
 METHODS = ("nonprivate", "dpsgd", "adaclip", "adadpigu-static", "adadpigu")
@@ -54,9 +55,6 @@ DP_NOISE = ("local", "distributed")
 SILO_SIZES = ("declared", "exact")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")  # common.server_opt
 LR_SCHEDULES = ("constant", "cosine", "linear")  # common.server_opt.lr_factor
-# how ScatterNet features are normalized: per example (GroupNorm, free) or by DP statistics of
-# the training set (common.feature_norm, charged; centralized only)
-SCATTER_NORMS = ("group", "data")
 
 DEFAULT_DATA_DIR_ENV = "ADADPIGU_DATA_DIR"
 

@@ -29,6 +29,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# how ScatterNet features are normalized (setting scatter-norm): per example by a GroupNorm
+# (free), or by the training set's statistics released here ("data": charged; centralized only)
+SCATTER_NORMS = ("group", "data")
 # Gaussian sum queries per release (means, then scales): Phase(sigma, 1.0, NORM_RELEASES)
 NORM_RELEASES = 2
 # a released scale below this is raised to it (noise must not blow a channel up)

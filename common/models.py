@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ModelError
-from common.feature_norm import ChannelStandardize
+from common.feature_norm import SCATTER_NORMS, ChannelStandardize
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 NUM_CLASSES = 10
@@ -132,9 +132,9 @@ def scatter_cnn(
     in_shape: tuple[int, int, int], groups: int, activation: str = "tanh", norm: str = "group"
 ) -> nn.Module:
     """The CNNs on ScatterNet features of Tramèr & Boneh (2021): a GroupNorm without parameters
-    (per example: DP-safe; or the private data normalization, :func:`_scatter_front`), then for grayscale (81x7x7) two 3x3 convolutions (16 with stride 2,
-    32) and a 32-unit hidden layer; for colour (243x8x8) 64 3x3, max-pool, 64 3x3 and a linear
-    classifier."""
+    (per example: DP-safe; or the private data normalization, :func:`_scatter_front`), then for
+    grayscale (81x7x7) two 3x3 convolutions (16 with stride 2, 32) and a 32-unit hidden layer;
+    for colour (243x8x8) 64 3x3, max-pool, 64 3x3 and a linear classifier."""
     act = ACTIVATIONS[activation]
     c, h, w = in_shape
     if h <= 7:
@@ -198,8 +198,8 @@ def build_model(
         from common.scatter import feature_shape
 
         shape = feature_shape(INPUT_SHAPES[dataset])
-        if scatter_norm not in ("group", "data"):
-            raise ModelError(f"unknown scatter-norm '{scatter_norm}' (known: group, data)")
+        if scatter_norm not in SCATTER_NORMS:
+            raise ModelError(f"unknown scatter-norm '{scatter_norm}' (known: {', '.join(SCATTER_NORMS)})")
         if shape[0] % scatter_groups:
             raise ModelError(
                 f"scatter-groups {scatter_groups} does not divide the {shape[0]} feature channels"
