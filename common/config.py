@@ -543,6 +543,18 @@ class FederatedConfig:
         _number("secagg-survivors", self.secagg_survivors, lo=0, hi=10**4, integer=True)
         _number("secagg-key-rounds", self.secagg_key_rounds, lo=1, hi=1000, integer=True)
 
+    def check_with(self, cfg: TrainConfig) -> None:
+        """Settings valid alone but not together with ``cfg``: refused by name."""
+        if self.validation_release != "none" and self.fraction_evaluate > 0 and cfg.validation_fraction == 0:
+            raise ConfigError(
+                "validation-release",
+                self.validation_release,
+                "needs validation data, but validation-fraction is 0 (each silo would release noise "
+                "or nothing about an empty set); set validation-release = 'none' to release the "
+                "last round's model",
+            )
+        self.check_distributed(cfg)
+
     def check_distributed(self, cfg: TrainConfig) -> None:
         """``dp-noise = "distributed"`` is DP-FedSGD: each round every silo releases one noisy
         share of one Poisson batch's clipped gradient sum at the global model; the server

@@ -244,6 +244,11 @@ def _central_summary(
         "pretrain_noise_multiplier": plan.pretrain_noise_multiplier,
         "sample_rate": plan.sample_rate,
         "steps": plan.total_steps,
+        "model_selection": (
+            "the last epoch's model (no validation data)"
+            if best["val_accuracy"] is None
+            else "best validation accuracy"
+        ),
         "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"],
         "test_accuracy_best_val": best_test,
@@ -390,12 +395,19 @@ def train_centralized(
         write_csv(os.path.join(run_dir, "metrics.csv"), metrics)
         log(_epoch_line(row, cfg.epochs))
     final_state = copy.deepcopy(eval_model.state_dict())
+    if best["epoch"] == 0:  # no validation data (validation-fraction 0): nothing to select on,
+        best, best_state = {"epoch": cfg.epochs, "val_accuracy": None}, final_state  # the last model
     best_test = _save_models(engine, final_state, best_state, splits.test, run_dir)
     final_test = metrics[-1]["test_accuracy"]
     summary = _central_summary(cfg, plan, tracker, best, best_test, final_test, t0, run_dir)
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    chosen = (
+        f"last epoch {best['epoch']} (no validation data)"
+        if best["val_accuracy"] is None
+        else f"best epoch {best['epoch']} (val {best['val_accuracy']:.4f})"
+    )
     log(
-        f"[done] best epoch {best['epoch']} (val {best['val_accuracy']:.4f}): test accuracy "
+        f"[done] {chosen}: test accuracy "
         f"{best_test:.4f}; final test {final_test:.4f}; epsilon {summary['epsilon']} "
         f"in {summary['seconds']:.0f}s -> {run_dir}"
     )

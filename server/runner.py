@@ -176,6 +176,7 @@ def set_up(
 ) -> FederatedRun:
     """Open (or reopen) the run folder, find and plan the silos, restore a checkpoint."""
     t0 = time.time()
+    fed.check_with(cfg)  # before a run folder exists
     ckpt, resumed_ledger = load_checkpoint(fed.resume, cfg, fed) if fed.resume else (None, None)
     run_dir = _open_run_dir(cfg, fed, fed.resume or run_dir, fresh=ckpt is None, command=command)
 
@@ -515,8 +516,13 @@ def _selection_words(fed: FederatedConfig) -> str:
 def finish(run: FederatedRun, stop_reason: str) -> dict:
     """The best model on validation, the final files and ``summary.json``."""
     cfg, strategy, ledger, rows, best = run.cfg, run.strategy, run.ledger, run.rows, run.best
-    if run.fed.validation_release == "none" and len(rows) > 1:
-        # nothing left the silos for selection: the released model is the last round's
+    selection = _selection_words(run.fed)
+    if (run.fed.validation_release == "none" or best["round"] == 0) and len(rows) > 1:
+        # nothing left the silos for selection (validation-release none, or no validation
+        # accuracy at all, e.g. validation-fraction 0): the released model is the last round's,
+        # never the initial one
+        if run.fed.validation_release != "none":
+            selection = "the last round's model (no validation accuracy was measured)"
         run.best = best = {"round": rows[-1]["round"], "val_accuracy": None}
         run.best_state = copy.deepcopy(strategy.evaluation_model().state_dict())
     if len(rows) > 1 and math.isnan(rows[-1]["test_accuracy"]):  # stopped between test rounds
@@ -563,7 +569,7 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
             else {}
         ),
         "silo_sizes": cfg.silo_sizes,
-        "model_selection": _selection_words(run.fed),
+        "model_selection": selection,
         "seed": cfg.seed if cfg.seeded else None,
         "seconds": time.time() - run.t0,
         "run_dir": run.run_dir,

@@ -118,7 +118,7 @@ class AdaDPIGUStrategy(FedAvg):
         self.current_flat: torch.Tensor | None = None
         # dp-noise = "distributed": the server takes the clients' SGD step on the securely
         # aggregated gradient (the run's momentum unless server-optimizer = "fedavgm" sets one)
-        fed.check_distributed(cfg)
+        fed.check_with(cfg)
         self.distributed = fed.dp_noise == "distributed"
         distributed_momentum = fed.server_momentum if fed.server_optimizer == "fedavgm" else cfg.momentum
         self.server_opt = ServerOptimizer(

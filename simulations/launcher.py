@@ -27,7 +27,7 @@ def _check(cfg, fed: FederatedConfig, num_supernodes, num_cpus, num_gpus, ray_nu
     if num_gpus < 0:
         raise ConfigError("num-gpus", num_gpus, "must be >= 0")
     fed.importance_rounds_for(cfg)  # fail before Ray starts
-    fed.check_distributed(cfg)
+    fed.check_with(cfg)
     check_silo_plans(cfg, fed, num_supernodes)  # every silo can run its plan (same checks as centrally)
     if fed.min_available_nodes > num_supernodes or fed.min_train_nodes > num_supernodes:
         raise ConfigError(

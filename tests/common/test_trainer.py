@@ -52,6 +52,26 @@ def test_short_mnist_run_learns(method, data_dir, tmp_path):
         assert ratios[0] < 1.0 and ratios[-1] == pytest.approx(1.0)
 
 
+def test_without_validation_data_the_last_model_is_the_result(data_dir, tmp_path):
+    """validation-fraction 0 trains on every training example; with nothing to select on, the
+    result is the plan's last model (not the untrained initial one), and the summary says so."""
+    cfg = TrainConfig(
+        method="dpsgd", dataset="mnist", epsilon=8.0, train_subset=4000, test_subset=1000, epochs=3,
+        batch_size=128, validation_fraction=0.0, data_dir=data_dir, out_dir=str(tmp_path), seed=0,
+    )  # fmt: skip
+    summary = train_centralized(cfg, log=lambda s: None)
+    assert json.load(open(os.path.join(summary["run_dir"], "plan.json")))["n_train"] == 4000
+    assert summary["best_epoch"] == 3 and summary["best_val_accuracy"] is None
+    assert "last epoch" in summary["model_selection"]
+    assert summary["test_accuracy_best_val"] == pytest.approx(summary["test_accuracy_final"])
+    assert summary["test_accuracy_final"] > 0.5  # trained, not the initial model (chance 0.1)
+    best, final = (
+        torch.load(os.path.join(summary["run_dir"], f), weights_only=True)
+        for f in ("best_model.pt", "final_model.pt")
+    )
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
 def test_explicit_sigma_over_budget_is_refused():
     cfg = TrainConfig(method="dpsgd", epsilon=1.0, noise_multiplier=0.5, epochs=10, batch_size=100)
     with pytest.raises(BudgetError, match="spends epsilon"):

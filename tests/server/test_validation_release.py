@@ -15,6 +15,7 @@ from flwr.app import MessageType
 from client import task
 from common import protocol as P
 from common.accounting import PLD_FINE_GRID
+from common.errors import ConfigError
 from server.runner import run_federated
 from tests.inprocess import InProcessGrid, small_run_configs
 
@@ -58,6 +59,34 @@ def test_default_releases_nothing_and_keeps_the_last_model(tmp_path, data_dir):
     )
     assert all(torch.equal(best[k], final[k]) for k in best)
     assert "last round" in summary["model_selection"]
+
+
+def test_without_validation_data_a_validation_release_is_refused_and_none_keeps_the_last_round(
+    tmp_path, data_dir
+):
+    """validation-fraction 0: a validation release (noisy or exact) would release noise about
+    an empty set (and spend budget on it), so it is refused by name; with none the released
+    model is the last round's, never the initial one."""
+    for release in ("noisy", "exact"):
+        cfg, fed = small_run_configs(
+            tmp_path, data_dir, epsilon=4.0, rounds=3, train_subset=1800, seed=0, validation_release=release
+        )
+        with pytest.raises(ConfigError, match="validation-release.*validation-fraction is 0"):
+            run_federated(InProcessGrid(3), cfg.replace(validation_fraction=0.0), fed, log_fn=lambda s: None)
+        assert not os.listdir(tmp_path)  # refused before a run folder or a round
+    cfg, fed = small_run_configs(
+        tmp_path, data_dir, epsilon=4.0, rounds=3, train_subset=1800, seed=0, validation_release="none"
+    )
+    summary = run_federated(
+        InProcessGrid(3), cfg.replace(method="dpsgd", validation_fraction=0.0), fed, log_fn=lambda s: None
+    )
+    assert summary["best_round"] == 3 and summary["best_val_accuracy"] is None
+    assert summary["test_accuracy_best_val"] == pytest.approx(summary["test_accuracy_final"])
+    best, final = (
+        torch.load(os.path.join(summary["run_dir"], f), weights_only=True)
+        for f in ("best_model.pt", "final_model.pt")
+    )
+    assert all(torch.equal(best[k], final[k]) for k in best)
 
 
 def test_noisy_validation_is_charged_calibrated_and_never_exact(tmp_path, data_dir):
