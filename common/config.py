@@ -729,7 +729,7 @@ HELP: dict[str, str] = {
     "h2": "AdaCliP: upper clamp of the variance statistic, > h1",
     "scale-rule": "AdaCliP: optimal (b ~ s^1/4) | sqrt (b = s^1/2)",
     "data-dir": "folder with MNIST/, FashionMNIST/, cifar-10-batches-py/ (default $ADADPIGU_DATA_DIR or ./data)",
-    "validation-fraction": "share of each data holder's training data held out for model selection",
+    "validation-fraction": "share of each data holder's training data held out for model selection (0: train on all of it; the result is the last model)",
     "train-subset": "use only this many training examples (0 = all)",
     "test-subset": "use only this many test examples (0 = all)",
     "partitioner": "federated split: iid | dirichlet | pathological | size-skew",
