@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as P
-from common.accounting import Phase, calibrate_noise
+from common.accounting import Phase, calibrate_noise, compute_epsilon
 from common.adaclip import AdaClipStatistics
 from common.config import FederatedConfig, TrainConfig
 from common.distributed import LatticePlan, headroom, plan_lattice, to_signed
@@ -206,7 +206,7 @@ class AdaDPIGUStrategy(FedAvg):
             key = (silo.plan.sample_rate, silo.plan.local_steps)
             if key not in cache:
                 if self.cfg.noise_multiplier is not None:
-                    cache[key] = self.cfg.noise_multiplier
+                    cache[key] = self._checked_fixed_noise(silo, rounds, fixed)
                 else:
                     cache[key] = calibrate_noise(
                         self.cfg.epsilon,
@@ -221,6 +221,20 @@ class AdaDPIGUStrategy(FedAvg):
             sigma = max(s.noise_multiplier for s in self.silos.values())
             for silo in self.silos.values():
                 silo.noise_multiplier = sigma
+
+    def _checked_fixed_noise(self, silo: SiloInfo, rounds: int, fixed: tuple[Phase, ...]) -> float:
+        """A fixed ``noise-multiplier``, refused before round 1 (nothing spent) when taking part
+        in every planned round would exceed the target, as centralized training refuses it."""
+        sigma, plan = self.cfg.noise_multiplier, silo.plan
+        phases = [Phase(sigma, plan.sample_rate, plan.local_steps * rounds), *fixed]
+        eps = compute_epsilon(phases=phases, delta=self.cfg.delta, accountant=self.cfg.accountant)
+        if self.cfg.epsilon is not None and eps > self.cfg.epsilon * (1 + 1e-9):
+            raise BudgetError(
+                f"{silo.name}'s plan ({rounds} rounds x {plan.local_steps} steps, q={plan.sample_rate:.4g}, "
+                f"sigma={sigma:g}) spends epsilon {eps:.4f} > target {self.cfg.epsilon:g}: raise the noise "
+                "multiplier or leave it unset to calibrate it"
+            )
+        return sigma
 
     def validation_phase(self, releases: int = 1) -> Phase | None:
         """The DP event of ``releases`` noisy validation releases (None when none are charged)."""

@@ -20,9 +20,15 @@ NODES = [11, 22, 33]
 SIZES = {11: 100, 22: 300, 33: 600}
 
 
-def make_strategy(method="adadpigu", rounds=3, **cfg_kw):
+def make_strategy(method="adadpigu", rounds=3, epsilon=8.0, noise_multiplier=2.0, **cfg_kw):
     cfg = TrainConfig(
-        method=method, epsilon=8.0, noise_multiplier=2.0, batch_size=20, seed=0, r0=0.5, **cfg_kw
+        method=method,
+        epsilon=epsilon,
+        noise_multiplier=noise_multiplier,
+        batch_size=20,
+        seed=0,
+        r0=0.5,
+        **cfg_kw,
     )
     fed = FederatedConfig(num_server_rounds=rounds, importance_rounds=1, local_epochs=1.0)
     torch.manual_seed(0)
@@ -39,6 +45,17 @@ def make_strategy(method="adadpigu", rounds=3, **cfg_kw):
     )
     strat.calibrate()
     return strat, grid, ArrayRecord(model.state_dict())
+
+
+def test_a_fixed_noise_multiplier_over_the_target_is_refused_before_round_one():
+    """As centrally: a fixed sigma whose planned rounds exceed epsilon fails at calibration
+    (nothing sent, nothing spent), naming the silo; one within the target is kept as given."""
+    from common.errors import BudgetError
+
+    with pytest.raises(BudgetError, match=r"silo-0's plan .*sigma=0.5\) spends epsilon .* > target 8"):
+        make_strategy(noise_multiplier=0.5)
+    strat, _, _ = make_strategy(noise_multiplier=2.0)
+    assert {s.noise_multiplier for s in strat.silos.values()} == {2.0}
 
 
 def by_node(messages):
