@@ -525,6 +525,9 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
             selection = "the last round's model (no validation accuracy was measured)"
         run.best = best = {"round": rows[-1]["round"], "val_accuracy": None}
         run.best_state = copy.deepcopy(strategy.evaluation_model().state_dict())
+    elif len(rows) == 1:  # stopped before round 1: the initial model, no validation accuracy
+        run.best = best = {"round": 0, "val_accuracy": None}
+        selection = "the initial model (no round completed)"
     if len(rows) > 1 and math.isnan(rows[-1]["test_accuracy"]):  # stopped between test rounds
         final = strategy.evaluation_model()
         rows[-1]["test_loss"], rows[-1]["test_accuracy"] = evaluate(final, run.test)

@@ -125,9 +125,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from simulations.results import note_stopped
     from simulations.sweep import collect, write_tables
 
-    rows = collect(args.dir)
+    stopped: list[tuple[str, str]] = []
+    rows = collect(args.dir, stopped=stopped)
+    note_stopped(stopped)
     if not rows:
         raise UserError(f"no finished runs (summary.json) under {args.dir}")
     group = [g for g in args.group.split(",") if g]
@@ -138,9 +141,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from simulations.results import note_stopped
     from simulations.sweep import collect, paired_difference
 
-    rows = [row for d in args.dir for row in collect(d)]
+    stopped: list[tuple[str, str]] = []
+    rows = [row for d in args.dir for row in collect(d, stopped=stopped)]
+    note_stopped(stopped)
     where = " ".join(args.dir)
     if not rows:
         raise UserError(f"no finished runs (summary.json) under {where}")

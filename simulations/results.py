@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 # summary.json key -> results column
 SUMMARY_KEYS = {
@@ -17,14 +18,28 @@ SUMMARY_KEYS = {
 }
 
 
-def collect(root: str) -> list[dict]:
-    """One row per run folder under ``root`` (any depth) that has a summary.json."""
+def stopped_early(summary: dict) -> str | None:
+    """Why a run stopped before the end of its plan (a federated run's ``stop_reason``:
+    budget, too few clients, secure aggregation); None for a run that finished its plan."""
+    reason = summary.get("stop_reason", "completed")
+    return None if reason == "completed" else str(reason)
+
+
+def collect(root: str, *, stopped: list[tuple[str, str]] | None = None) -> list[dict]:
+    """One row per run folder under ``root`` (any depth) whose summary.json says it finished
+    its plan. Runs that stopped early are left out (they are not results of their settings);
+    ``stopped``, when given, receives (folder, reason) for each."""
     rows = []
     for dirpath, _dirs, files in sorted(os.walk(root)):
         if "summary.json" not in files:
             continue
         with open(os.path.join(dirpath, "summary.json")) as fh:
             summary = json.load(fh)
+        reason = stopped_early(summary)
+        if reason is not None:
+            if stopped is not None:
+                stopped.append((dirpath, reason))
+            continue
         config = {}
         if os.path.exists(os.path.join(dirpath, "config.json")):
             with open(os.path.join(dirpath, "config.json")) as fh:
@@ -40,3 +55,11 @@ def collect(root: str) -> list[dict]:
             row["command"] = open(command).read().strip()
         rows.append(row)
     return rows
+
+
+def note_stopped(stopped: list[tuple[str, str]]) -> None:
+    """Say on stderr which runs were left out for stopping early."""
+    if stopped:
+        print(f"left out {len(stopped)} run(s) that stopped before the end of their plan:", file=sys.stderr)
+        for path, reason in stopped:
+            print(f"  {path}: {reason}", file=sys.stderr)

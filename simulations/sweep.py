@@ -40,7 +40,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from common.config import APP_DEFAULTS, FederatedConfig, TrainConfig, refuse_centralized_only
 from common.errors import ConfigError, UserError
 from simulations.processes import process_alive
-from simulations.results import collect  # noqa: F401  (re-exported for callers)
+from simulations.results import collect, stopped_early
 
 
 @dataclass(frozen=True)
@@ -147,20 +147,38 @@ def run_sweep(sweep: Sweep, *, log: Callable[[str], None] = print) -> list[dict]
             "[sweep] note: a federated sweep starts from the dataclass defaults, as adadpigu simulate; "
             f"these cells use them, not flwr run's pyproject values, for: {', '.join(unset)}"
         )
+    stopped: list[str] = []
     for i, cell in enumerate(cells, start=1):
-        target = cell_dir(sweep, cell)
-        if os.path.exists(os.path.join(target, "summary.json")):
-            log(f"[sweep {i}/{len(cells)}] done already: {cell}")
+        tag, target = f"[sweep {i}/{len(cells)}]", cell_dir(sweep, cell)
+        summary_path = os.path.join(target, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as fh:
+                reason = stopped_early(json.load(fh))
+            if reason is None:
+                log(f"{tag} done already: {cell}")
+            else:
+                log(
+                    f"{tag} {cell} stopped before the end of its plan ({reason}): not a result; "
+                    f"move its folder away to run it again: {target}"
+                )
+                stopped.append(f"{cell}: {reason}")
             continue
         if not _claim(target):
-            log(f"[sweep {i}/{len(cells)}] running in another process: {cell}")
+            log(f"{tag} running in another process: {cell}")
             continue
         try:
-            _run_cell(sweep, cell, target, f"[sweep {i}/{len(cells)}]", log)
+            reason = _run_cell(sweep, cell, target, tag, log)
         finally:
             _release(target)
+        if reason is not None:
+            stopped.append(f"{cell}: {reason}")
     rows = collect(sweep.out_dir)
     write_tables(rows, sweep.out_dir, group=[k for k in sweep.grid if k != "seed"])
+    if stopped:
+        raise UserError(
+            f"{len(stopped)} cell(s) stopped before the end of their plan and are left out of the tables: "
+            + "; ".join(stopped)
+        )
     return rows
 
 
@@ -201,7 +219,8 @@ def _release(target: str) -> None:
         pass
 
 
-def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[str], None]) -> None:
+def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[str], None]) -> str | None:
+    """Run one cell into ``target``; why it stopped early (None when it finished its plan)."""
     cfg, fed = configs_for(sweep, cell)
     cfg = cfg.replace(out_dir=target)
     log(f"{tag} running {cell}")
@@ -225,7 +244,12 @@ def _run_cell(sweep: Sweep, cell: dict, target: str, tag: str, log: Callable[[st
         if summary is None or "error" in summary:
             reason = "see the log" if summary is None else summary["error"]
             raise UserError(f"federated cell {cell} did not complete: {reason}")
+    reason = stopped_early(summary)
+    if reason is not None:
+        log(f"{tag} {cell}: stopped before the end of its plan ({reason}) after {time.time() - t0:.0f}s")
+        return reason
     log(f"{tag} {cell}: test accuracy {summary.get('test_accuracy_best_val'):.4f} in {time.time() - t0:.0f}s")
+    return None
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:

@@ -177,3 +177,61 @@ def test_a_federated_sweep_names_the_app_settings_it_leaves_at_the_dataclass_def
     central = tmp_path / "central.toml"
     central.write_text('[sweep]\nmode = "central"\n[grid]\nseed = [0]\n')
     assert unset_app_settings(load_sweep(str(central))) == []
+
+
+def test_a_federated_cell_that_stopped_early_is_not_a_result(tmp_path, monkeypatch, capsys):
+    """A run that stopped before the end of its plan (budget, too few clients, secure
+    aggregation) writes summary.json, but it is no result of its settings: the sweep fails
+    naming the cell, does not call it 'done already' on a rerun, and the tables (report,
+    compare) leave it out and say so."""
+    import json
+
+    import simulations.launcher as launcher
+    from common.errors import UserError
+    from simulations.commands import cmd_report
+    from simulations.sweep import Sweep, collect
+
+    def fake_simulate(cfg, fed, *, run_dir, **kw):
+        seed = cfg.seed
+        summary = {
+            "stop_reason": "completed" if seed == 0 else "budget: round 2 would exceed epsilon",
+            "test_accuracy_best_val": 0.9,
+            "test_accuracy_final": 0.9,
+            "best_val_accuracy": None,
+        }
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh)
+        with open(os.path.join(run_dir, "config.json"), "w") as fh:
+            json.dump({"seed": seed, "method": "dpsgd"}, fh)
+        return summary
+
+    monkeypatch.setattr(launcher, "simulate", fake_simulate)
+    sweep = Sweep(
+        name="s",
+        mode="federated",
+        out_dir=str(tmp_path / "out"),
+        base={"method": "dpsgd"},
+        grid={"seed": [0, 1]},
+    )
+    logs: list[str] = []
+    with pytest.raises(UserError, match=r"1 cell\(s\) stopped .*'seed': 1.*budget"):
+        run_sweep(sweep, log=logs.append)
+    stopped: list = []
+    rows = collect(sweep.out_dir, stopped=stopped)
+    assert [r["seed"] for r in rows] == [0]
+    assert len(stopped) == 1 and "budget" in stopped[0][1]
+    logs.clear()
+    with pytest.raises(UserError, match="stopped"):
+        run_sweep(sweep, log=logs.append)  # a rerun: not 'done already', not run again
+    assert any("done already" in s and "'seed': 0" in s for s in logs)
+    assert any("stopped before the end of its plan" in s and "'seed': 1" in s for s in logs)
+    capsys.readouterr()
+
+    class Args:
+        dir, group, out = sweep.out_dir, "method", None
+
+    cmd_report(Args())
+    out = capsys.readouterr()
+    assert "left out 1 run(s)" in out.err and "budget" in out.err
+    assert "| dpsgd | 1 |" in out.out
