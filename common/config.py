@@ -226,11 +226,10 @@ class TrainConfig:
         _choice("per-sample-backend", self.per_sample_backend, PER_SAMPLE_BACKENDS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        if self.private:
-            if self.epsilon is None and self.noise_multiplier is None:
-                raise ConfigError("epsilon", self.epsilon, "a private method needs a target epsilon > 0")
-            if self.epsilon is not None:
-                _number("epsilon", self.epsilon, lo=0.0, lo_open=True, hi=1e4)
+        if self.private and self.epsilon is None and self.noise_multiplier is None:
+            raise ConfigError("epsilon", self.epsilon, "a private method needs a target epsilon > 0")
+        if self.epsilon is not None:  # checked for every method: a nonprivate run records it too
+            _number("epsilon", self.epsilon, lo=0.0, lo_open=True, hi=1e4)
         _number("delta", self.delta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         if self.noise_multiplier is not None:
             _number("noise-multiplier", self.noise_multiplier, lo=0.0, lo_open=True, hi=1e9)
@@ -279,7 +278,7 @@ class TrainConfig:
         _choice("silo-sizes", self.silo_sizes, SILO_SIZES)
         _number("declared-silo-size", self.declared_silo_size, lo=0, hi=10**9, integer=True)
         _number("silo-size-tolerance", self.silo_size_tolerance, lo=0.0, hi=10.0)
-        _number("seed", self.seed, lo=-1, integer=True)
+        _number("seed", self.seed, lo=-1, hi=2**63 - 1, integer=True)
         _number("max-physical-batch", self.max_physical_batch, lo=1, integer=True)
         if not isinstance(self.data_dir, str) or not self.data_dir:
             raise ConfigError("data-dir", self.data_dir, "must be a non-empty path")
@@ -417,10 +416,12 @@ def _coerce(raw_key: str, f: dataclasses.Field, value: Any) -> Any:
     if name in _OPTIONAL_FLOAT:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            # Flower run configs cannot hold None: 0 means "not set" for these keys.
-            return None if value == 0 and name != "epsilon" else float(value)
-        return _to_float(raw_key, value)
+        if isinstance(value, bool):
+            raise ConfigError(raw_key, value, "must be a number")
+        v = float(value) if isinstance(value, (int, float)) else _to_float(raw_key, value)
+        # Flower run configs cannot hold None: 0 means "not set" for these keys (also on the
+        # command line, as its help says), except epsilon
+        return None if v == 0 and name != "epsilon" else v
     default = f.default if f.default is not dataclasses.MISSING else None
     if isinstance(default, bool):
         if isinstance(value, bool):

@@ -28,7 +28,7 @@ from common.accounting import Phase, PrivacyTracker, calibrate_noise, compute_ep
 from common.config import TrainConfig
 from common.data import Splits, load_splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
-from common.errors import BudgetError
+from common.errors import BudgetError, ConfigError
 from common.feature_norm import NORM_RELEASES, release_channel_stats, standardize_layer
 from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule
 from common.models import ParameterEMA, build_model_for, flat_parameters, num_parameters
@@ -78,8 +78,16 @@ def _norm_phases(noise_multiplier: float) -> list[Phase]:
 def pretrain_steps_for(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.method in ("nonprivate", "dpsgd"):
         return 0
+    if total_steps < 2:
+        raise ConfigError(
+            "epochs",
+            cfg.epochs,
+            f"the plan has {total_steps} step; method {cfg.method} needs at least 2 (one of DP-SGD "
+            "pre-training for its importance scores and clipping statistics, one to use them): "
+            "more epochs or a smaller batch",
+        )
     steps = int(round(cfg.pretrain_fraction * total_steps))
-    return min(max(steps, 1), total_steps - 1) if total_steps > 1 else 0
+    return min(max(steps, 1), total_steps - 1)
 
 
 def make_plan(cfg: TrainConfig, n_train: int) -> Plan:

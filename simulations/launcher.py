@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -22,10 +23,10 @@ def _check(cfg, fed: FederatedConfig, num_supernodes, num_cpus, num_gpus, ray_nu
         raise ConfigError("ray-address", ray_address, "give HOST:PORT of the Ray head, or 'auto'")
     if num_supernodes < 1:
         raise ConfigError("num-supernodes", num_supernodes, "must be >= 1")
-    if num_cpus <= 0:
-        raise ConfigError("num-cpus", num_cpus, "must be > 0")
-    if num_gpus < 0:
-        raise ConfigError("num-gpus", num_gpus, "must be >= 0")
+    if not (num_cpus > 0 and math.isfinite(num_cpus)):
+        raise ConfigError("num-cpus", num_cpus, "must be a number > 0")
+    if not (num_gpus >= 0 and math.isfinite(num_gpus)):
+        raise ConfigError("num-gpus", num_gpus, "must be a number >= 0")
     fed.importance_rounds_for(cfg)  # fail before Ray starts
     fed.check_with(cfg)
     check_silo_plans(cfg, fed, num_supernodes)  # every silo can run its plan (same checks as centrally)

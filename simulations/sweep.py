@@ -42,6 +42,9 @@ from common.errors import ConfigError, UserError
 from simulations.processes import process_alive
 from simulations.results import collect, stopped_early
 
+SWEEP_TABLES = ("sweep", "base", "grid", "variant")
+SWEEP_KEYS = ("name", "mode", "out-dir", "num-supernodes", "num-cpus")
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -52,7 +55,6 @@ class Sweep:
     grid: dict
     num_supernodes: int = 10
     num_cpus: float = 1.0
-    extra: dict = field(default_factory=dict)
     # [[variant]] tables: named settings combined as a whole (not as a product) with the grid
     variants: list[dict] = field(default_factory=list)
 
@@ -74,7 +76,20 @@ def load_sweep(path: str) -> Sweep:
         raise UserError(f"sweep file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"sweep file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(SWEEP_TABLES))
+    if unknown:
+        raise ConfigError(
+            unknown[0], data[unknown[0]], f"unknown table; a sweep file has {', '.join(SWEEP_TABLES)}"
+        )
+    for table in ("sweep", "base", "grid"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(table, data[table], f"must be a [{table}] table")
     head = data.get("sweep", {})
+    unknown = sorted(set(head) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"sweep.{unknown[0]}", head[unknown[0]], f"unknown key; allowed: {', '.join(SWEEP_KEYS)}"
+        )
     mode = head.get("mode", "central")
     if mode not in ("central", "federated"):
         raise ConfigError("sweep.mode", mode, "allowed: central, federated")
@@ -97,13 +112,29 @@ def load_sweep(path: str) -> Sweep:
         out_dir=str(head.get("out-dir", os.path.join("results", head.get("name", "sweep")))),
         base=dict(data.get("base", {})),
         grid=grid,
-        num_supernodes=int(head.get("num-supernodes", 10)),
-        num_cpus=float(head.get("num-cpus", 1.0)),
+        num_supernodes=_sweep_number(head, "num-supernodes", 10, integer=True),
+        num_cpus=_sweep_number(head, "num-cpus", 1.0),
         variants=[dict(v) for v in variants],
     )
     for cell in sweep.cells():  # validate every cell before running anything
         configs_for(sweep, cell)
     return sweep
+
+
+def _sweep_number(head: dict, key: str, default: float, *, integer: bool = False):
+    """A number of the [sweep] table: an integer >= 1 (num-supernodes) or a number > 0."""
+    value = head.get(key, default)
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if (
+        isinstance(value, bool)
+        or not ok
+        or not math.isfinite(value)
+        or (value < 1 if integer else value <= 0)
+    ):
+        raise ConfigError(
+            f"sweep.{key}", value, "must be an integer >= 1" if integer else "must be a number > 0"
+        )
+    return int(value) if integer else float(value)
 
 
 def configs_for(sweep: Sweep, cell: dict) -> tuple[TrainConfig, FederatedConfig]:
@@ -119,6 +150,13 @@ def configs_for(sweep: Sweep, cell: dict) -> tuple[TrainConfig, FederatedConfig]
     if sweep.mode == "federated":
         refuse_centralized_only(values)
         fed.importance_rounds_for(cfg)
+        fed.check_with(cfg)
+    else:
+        federated = sorted(k for k in values if k in fed_keys and k not in train_keys)
+        if federated:
+            raise ConfigError(
+                federated[0], values[federated[0]], "is a federated setting; this sweep's mode is central"
+            )
     return cfg, fed
 
 

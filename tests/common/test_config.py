@@ -91,3 +91,15 @@ def test_every_setting_has_a_help_line_and_the_cli_shows_it(capsys):
         main(["simulate", "--help"])
     out = capsys.readouterr().out
     assert "fedavg | fedavgm" in out and "(default: 'fedavg')" in out and "--client-optimizer-state" in out
+
+
+def test_zero_means_unset_for_optional_numbers_on_every_path():
+    """--noise-multiplier 0 (the help: 0 = calibrate) is the same as 0 in a TOML; epsilon 0 is
+    an error, not 'unset'; a boolean is not a number."""
+    for value in ("0", 0, 0.0):
+        assert TrainConfig.from_mapping({"noise-multiplier": value}).noise_multiplier is None
+        assert TrainConfig.from_mapping({"sample-rate": value}).sample_rate is None
+    with pytest.raises(ConfigError, match="epsilon"):
+        TrainConfig.from_mapping({"epsilon": "0"})
+    with pytest.raises(ConfigError, match="'epsilon' = True"):
+        TrainConfig.from_mapping({"epsilon": True})

@@ -159,6 +159,13 @@ CASES = {
         "importance-rounds",
     ),
     "sweep: missing file": (["sweep", "/nonexistent/sweep.toml"], "does not exist"),
+    "nonprivate with a NaN epsilon": (["train", "--method", "nonprivate", "--epsilon", "nan"], "epsilon"),
+    "seed beyond 64 bits": (["train", "--seed", "99999999999999999999"], "seed"),
+    "adaptive method, one-step plan": (
+        ["train", "--method", "adaclip", "--train-subset", "400", "--sample-rate", "1", "--epochs", "1"],
+        "needs at least 2",
+    ),
+    "simulate: NaN cpus": (["simulate", "--num-cpus", "nan"], "num-cpus"),
     "deploy-local: importance rounds >= rounds": (
         ["deploy-local", "--silos", "2", "--run-config", "num-server-rounds=2 importance-rounds=2"],
         "importance-rounds",
@@ -194,6 +201,20 @@ def test_sweep_bad_toml_and_bad_cell(capsys, tmp_path):
     assert "'method' = 'bogus'" in capsys.readouterr().err
     assert main(["sweep", _sweep_file(tmp_path, "[grid]\n")]) == 2
     assert "grid" in capsys.readouterr().err
+    grid = "[grid]\nseed = [0]\n"
+    for text, fragment in [
+        ("[bsae]\nepochs = 1\n" + grid, "'bsae'"),  # a typo in a table name: its settings would be dropped
+        ('[sweep]\nout_dir = "x"\n' + grid, "'sweep.out_dir'"),
+        ("sweep = 5\n" + grid, "'sweep' = 5"),
+        ("grid = [1, 2]\n", "'grid'"),
+        ("[sweep]\nnum-supernodes = 2.7\n" + grid, "'sweep.num-supernodes' = 2.7"),
+        ("[sweep]\nnum-cpus = -1\n" + grid, "'sweep.num-cpus' = -1"),
+        ('[sweep]\nmode = "central"\n[base]\nnum-server-rounds = 5\n' + grid, "federated setting"),
+        ("[grid]\nepsilon = [true]\n", "'epsilon' = True"),
+    ]:
+        assert main(["sweep", _sweep_file(tmp_path, text)]) == 2, text
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], (text, err)
 
 
 def test_report_on_empty_folder(capsys, tmp_path):
