@@ -245,7 +245,7 @@ class TrainConfig:
         if self.sample_rate is not None:
             _number("sample-rate", self.sample_rate, lo=0.0, hi=1.0, lo_open=True)
         _number("clip-norm", self.clip_norm, lo=0.0, lo_open=True)
-        _number("lr", self.lr, lo=0.0, lo_open=True)
+        _number("lr", self.lr, lo=0.0, lo_open=True, hi=1e6)
         _number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
         _number("ema-decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
         _number("augmult", self.augmult, lo=0, hi=256, integer=True)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common.accounting import Phase, PrivacyTracker, calibrate_noise, compute_epsilon
+from common.accounting import MAX_STEPS, Phase, PrivacyTracker, calibrate_noise, compute_epsilon
 from common.config import TrainConfig
 from common.data import Splits, load_splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
@@ -95,6 +95,13 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
     q = cfg.resolved_sample_rate(n_train)
     steps_per_epoch = max(1, int(round(1.0 / q)))
     total = steps_per_epoch * cfg.epochs
+    if total > MAX_STEPS:
+        key, value = ("sample-rate", cfg.sample_rate) if cfg.sample_rate else ("batch-size", cfg.batch_size)
+        raise ConfigError(
+            key,
+            value,
+            f"gives {total} steps ({cfg.epochs} epochs at q={q:.3g}); the plan allows {MAX_STEPS:.0e}",
+        )
     t_pre = pretrain_steps_for(cfg, total)
     if cfg.private and cfg.delta >= 1.0 / n_train:
         warnings.warn(

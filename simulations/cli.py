@@ -26,7 +26,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {
-        name[len("cfg_") :]: value
+        name[len("cfg_") :].replace("_", "-"): value  # errors name the flag (batch-size), not the field
         for name, value in vars(args).items()
         if name.startswith("cfg_") and value is not None
     }

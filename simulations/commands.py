@@ -24,7 +24,11 @@ def _add_fed_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _fed_from_args(args: argparse.Namespace) -> FederatedConfig:
-    values = {k[len("fed_") :]: v for k, v in vars(args).items() if k.startswith("fed_") and v is not None}
+    values = {
+        k[len("fed_") :].replace("_", "-"): v
+        for k, v in vars(args).items()
+        if k.startswith("fed_") and v is not None
+    }
     return FederatedConfig.from_mapping(values)
 
 
@@ -134,6 +138,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not rows:
         raise UserError(f"no finished runs (summary.json) under {args.dir}")
     group = [g for g in args.group.split(",") if g]
+    unknown = [g for g in group if not any(g in row for row in rows)]
+    if unknown:
+        raise ConfigError("group", unknown[0], f"is not a setting of any run under {args.dir}")
     csv_path, md_path = write_tables(rows, args.out or args.dir, group)
     print(open(md_path).read(), end="")
     print(f"({len(rows)} runs; {csv_path})")

@@ -166,6 +166,16 @@ CASES = {
         "needs at least 2",
     ),
     "simulate: NaN cpus": (["simulate", "--num-cpus", "nan"], "num-cpus"),
+    "a flag's type names the flag": (["train", "--batch-size", "1.5"], "'batch-size' = '1.5'"),
+    "an absurd learning rate": (["train", "--lr", "1e300"], "lr"),
+    "a sample rate of a billion steps": (
+        ["train", "--sample-rate", "1e-9", "--train-subset", "500"],
+        "'sample-rate'",
+    ),
+    "simulate: a flag's type names the flag": (
+        ["simulate", "--num-server-rounds", "2.5"],
+        "'num-server-rounds'",
+    ),
     "deploy-local: importance rounds >= rounds": (
         ["deploy-local", "--silos", "2", "--run-config", "num-server-rounds=2 importance-rounds=2"],
         "importance-rounds",
@@ -215,6 +225,15 @@ def test_sweep_bad_toml_and_bad_cell(capsys, tmp_path):
         assert main(["sweep", _sweep_file(tmp_path, text)]) == 2, text
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], (text, err)
+
+
+def test_report_group_by_a_setting_no_run_has(capsys, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "summary.json").write_text('{"test_accuracy_best_val": 0.9}')
+    (run / "config.json").write_text('{"method": "dpsgd", "seed": 0}')
+    assert main(["report", str(tmp_path), "--group", "method,bogus"]) == 2
+    assert "'group' = 'bogus'" in capsys.readouterr().err
 
 
 def test_report_on_empty_folder(capsys, tmp_path):
