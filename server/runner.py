@@ -27,7 +27,7 @@ from common import protocol as P
 from common.config import FederatedConfig, TrainConfig
 from common.data import TensorData, load_dataset, take_subset, with_features
 from common.engine import evaluate
-from common.errors import BudgetError, UserError
+from common.errors import BudgetError, ConfigError, UserError
 from common.models import build_model_for
 from common.outputs import federated_command, run_dir_name, save_checkpoint, write_csv, write_json_atomic
 from server.ledger import PrivacyLedger
@@ -256,6 +256,12 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
     if len(strategy.silos) < fed.min_train_nodes:
         raise RoundError(
             f"{len(strategy.silos)} clients registered; min-train-nodes is {fed.min_train_nodes}"
+        )
+    if strategy.distributed and fed.secagg_survivors > len(strategy.silos):
+        raise ConfigError(
+            "secagg-survivors",
+            fed.secagg_survivors,
+            f"exceeds the {len(strategy.silos)} silos that registered: no round could be aggregated",
         )
     strategy.calibrate()
     if ckpt is not None:

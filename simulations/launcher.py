@@ -29,6 +29,10 @@ def _check(cfg, fed: FederatedConfig, num_supernodes, num_cpus, num_gpus, ray_nu
         raise ConfigError("num-gpus", num_gpus, "must be a number >= 0")
     fed.importance_rounds_for(cfg)  # fail before Ray starts
     fed.check_with(cfg)
+    if fed.dp_noise == "distributed" and fed.secagg_survivors > num_supernodes:
+        raise ConfigError(
+            "secagg-survivors", fed.secagg_survivors, f"exceeds the {num_supernodes} silos (num-supernodes)"
+        )
     check_silo_plans(cfg, fed, num_supernodes)  # every silo can run its plan (same checks as centrally)
     if fed.min_available_nodes > num_supernodes or fed.min_train_nodes > num_supernodes:
         raise ConfigError(

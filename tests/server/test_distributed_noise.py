@@ -158,3 +158,15 @@ def test_a_resumed_distributed_run_charges_what_an_uninterrupted_one_does(tmp_pa
         b = json.load(open(os.path.join(run_b, name)))["clients"]
         assert {c: v["phases"] for c, v in a.items()} == {c: v["phases"] for c, v in b.items()}
     assert resumed["max_epsilon_own_share"] == pytest.approx(full["max_epsilon_own_share"])
+
+
+def test_more_survivors_than_registered_silos_is_refused_before_round_one(tmp_path, data_dir):
+    """secagg-survivors above the silos that registered: no round could ever be aggregated;
+    refused at set-up, before the noise is calibrated or a round is sent (nothing charged)."""
+    from common.errors import ConfigError
+
+    cfg, fed = configs(tmp_path, data_dir, secagg_survivors=5)
+    grid = InProcessGrid(3)
+    with pytest.raises(ConfigError, match="secagg-survivors.*exceeds the 3 silos"):
+        run_federated(grid, cfg.replace(method="dpsgd"), fed, log_fn=lambda s: None)
+    assert grid.train_rounds_sent == 0
