@@ -13,6 +13,8 @@ example's gradient and per-sample clipping no longer bounds sensitivity
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -287,9 +289,16 @@ class ParameterEMA:
     Kept in float64 so that long averages do not drift.
     """
 
-    def __init__(self, decay: float) -> None:
+    def __init__(self, decay: float, *, updates: int | None = None) -> None:
         if not (0.0 < decay < 1.0):
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        horizon = 1.0 / (1.0 - decay)
+        if updates is not None and horizon > updates:
+            warnings.warn(
+                f"ema-decay {decay:g} averages over ~{horizon:.0f} updates but the plan has {updates}: "
+                "the averaged (evaluated and saved) model stays close to the first updated weights",
+                stacklevel=2,
+            )
         self.decay = decay
         self.flat: torch.Tensor | None = None
 

@@ -387,7 +387,7 @@ def train_centralized(
     best = {"val_accuracy": -1.0, "epoch": 0}
     best_state = copy.deepcopy(engine.model.state_dict())
     step = 0
-    ema = ParameterEMA(cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = ParameterEMA(cfg.ema_decay, updates=plan.total_steps) if cfg.ema_decay > 0 else None
     t0 = time.time()
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.time()

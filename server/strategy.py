@@ -130,7 +130,7 @@ class AdaDPIGUStrategy(FedAvg):
             tau=fed.server_tau,
         )
         # EMA of the global weights (ema-decay per round): evaluated and selected, never trained
-        self.ema = ParameterEMA(cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = ParameterEMA(cfg.ema_decay, updates=fed.num_server_rounds) if cfg.ema_decay > 0 else None
         self.rejections: list[dict] = []
         self.run_key = ""  # the run folder's name (set by the runner): clients keep durable state under it
         self.train_config_json = json.dumps(cfg.to_dict())

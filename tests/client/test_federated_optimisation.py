@@ -3,6 +3,8 @@ local steps per round, learning-rate schedules, EMA of the weights, sweep varian
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,14 @@ def test_parameter_ema_matches_a_naive_average():
     assert torch.equal(flat_parameters(model), flat.float())  # the trained model is untouched
     with pytest.raises(ValueError):
         ParameterEMA(1.0)
+
+
+def test_an_ema_longer_than_the_plan_is_warned_about():
+    with pytest.warns(UserWarning, match=r"ema-decay 0.999 averages over ~1000 updates but the plan has 9"):
+        ParameterEMA(0.999, updates=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ParameterEMA(0.9, updates=100)  # horizon 10 <= 100: no warning
 
 
 def test_centralized_run_with_ema_and_cosine_schedule(tmp_path, data_dir):
