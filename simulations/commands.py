@@ -129,12 +129,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from simulations.results import note_stopped
-    from simulations.sweep import collect, write_tables
+    from simulations.results import collect_finished
+    from simulations.sweep import write_tables
 
-    stopped: list[tuple[str, str]] = []
-    rows = collect(args.dir, stopped=stopped)
-    note_stopped(stopped)
+    rows = collect_finished(args.dir)
     if not rows:
         raise UserError(f"no finished runs (summary.json) under {args.dir}")
     group = [g for g in args.group.split(",") if g]
@@ -148,12 +146,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from simulations.results import note_stopped
-    from simulations.sweep import collect, paired_difference
+    from simulations.results import collect_finished
+    from simulations.sweep import paired_difference
 
-    stopped: list[tuple[str, str]] = []
-    rows = [row for d in args.dir for row in collect(d, stopped=stopped)]
-    note_stopped(stopped)
+    rows = collect_finished(*args.dir)
     where = " ".join(args.dir)
     if not rows:
         raise UserError(f"no finished runs (summary.json) under {where}")

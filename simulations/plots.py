@@ -460,11 +460,9 @@ def plot_all(rows: Sequence[dict], out_dir: str) -> list[str]:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from simulations.results import collect, note_stopped
+    from simulations.results import collect_finished
 
-    stopped: list[tuple[str, str]] = []
-    rows = collect(args.dir, stopped=stopped)
-    note_stopped(stopped)
+    rows = collect_finished(args.dir)
     if not rows:
         raise UserError(f"no finished runs (summary.json) under {args.dir}")
     paths = plot_all(rows, args.out or os.path.join(args.dir, "plots"))

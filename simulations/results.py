@@ -57,9 +57,13 @@ def collect(root: str, *, stopped: list[tuple[str, str]] | None = None) -> list[
     return rows
 
 
-def note_stopped(stopped: list[tuple[str, str]]) -> None:
-    """Say on stderr which runs were left out for stopping early."""
+def collect_finished(*roots: str) -> list[dict]:
+    """:func:`collect` over ``roots``, saying on stderr which runs were left out for stopping
+    before the end of their plan (what report, compare and plot show)."""
+    stopped: list[tuple[str, str]] = []
+    rows = [row for root in roots for row in collect(root, stopped=stopped)]
     if stopped:
         print(f"left out {len(stopped)} run(s) that stopped before the end of their plan:", file=sys.stderr)
         for path, reason in stopped:
             print(f"  {path}: {reason}", file=sys.stderr)
+    return rows
