@@ -14,13 +14,14 @@ import torch
 from common.config import APP_DEFAULTS, FederatedConfig, TrainConfig
 
 
-def run_dir_name(cfg: TrainConfig, kind: str = "central") -> str:
-    """``<time>-<kind>-<method>-<dataset>-eps<ε>-<settings hash>`` (kind: central, fed)."""
+def run_dir_name(cfg: TrainConfig, kind: str = "central", digest: str | None = None) -> str:
+    """``<time>-<kind>-<method>-<dataset>-eps<ε>-<settings hash>`` (kind: central, fed; the
+    hash is the training settings' unless ``digest`` gives one over more settings)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     eps = (
         "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
     )
-    return f"{stamp}-{kind}-{cfg.method}-{cfg.dataset}-eps{eps}-{cfg.digest()}"
+    return f"{stamp}-{kind}-{cfg.method}-{cfg.dataset}-eps{eps}-{digest or cfg.digest()}"
 
 
 def write_json_atomic(path: str, obj: object) -> None:

@@ -8,6 +8,7 @@ record each client's spend when the round is sent.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -53,7 +54,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def fed_run_dir(cfg: TrainConfig, fed: FederatedConfig) -> str:
-    return os.path.join(cfg.out_dir, run_dir_name(cfg, "fed"))
+    """A new run folder under out-dir, named by the time and a hash of every result-changing
+    setting (federated ones too); never one that exists (two runs started in one second)."""
+    blob = json.dumps(config_fingerprint(cfg, fed), sort_keys=True, default=str).encode()
+    base = os.path.join(cfg.out_dir, run_dir_name(cfg, "fed", hashlib.sha256(blob).hexdigest()[:10]))
+    path, n = base, 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}", n + 1
+    return path
 
 
 _NOT_RESULT_CHANGING = {"out-dir", "data-dir", "device", "resume", "round-timeout", "startup-timeout"}
@@ -178,7 +186,12 @@ def set_up(
     t0 = time.time()
     fed.check_with(cfg)  # before a run folder exists
     ckpt, resumed_ledger = load_checkpoint(fed.resume, cfg, fed) if fed.resume else (None, None)
+    if ckpt is not None:
+        _refuse_renamed(fed.resume, ckpt)
     run_dir = _open_run_dir(cfg, fed, fed.resume or run_dir, fresh=ckpt is None, command=command)
+    # silos without a state-dir of their own (simulation) keep their state in
+    # <run folder>/client-state, whatever out-dir says (a resume from another out-dir too)
+    cfg = cfg.replace(out_dir=os.path.dirname(os.path.normpath(run_dir)) or ".")
 
     torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
     model = build_model_for(cfg)
@@ -200,9 +213,7 @@ def set_up(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     strategy = AdaDPIGUStrategy(cfg, fed, model=model, ledger=ledger)
-    strategy.run_key = re.sub(r"[^A-Za-z0-9._=-]", "_", os.path.basename(os.path.normpath(run_dir))).lstrip(
-        "._=-"
-    )
+    strategy.run_key = _run_key(run_dir)
     run = FederatedRun(cfg, fed, run_dir, strategy, ledger, test, log_fn, t0)
     _discover_and_plan(grid, run, ckpt)
     if ckpt is None:
@@ -222,6 +233,23 @@ def set_up(
     else:
         _restore_progress(run, ckpt)
     return run
+
+
+def _run_key(run_dir: str) -> str:
+    """The run's name for the silos: they keep their durable state (momentum, statistics,
+    their own privacy account) under ``<state-dir>/<run key>/client-state``."""
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", os.path.basename(os.path.normpath(run_dir))).lstrip("._=-")
+
+
+def _refuse_renamed(resume: str, ckpt: dict) -> None:
+    """The silos must find their state again: a renamed run folder would give them another run
+    key (fresh momentum, empty own privacy accounts), so it is refused."""
+    saved = ckpt.get("run_key")
+    if saved is not None and saved != _run_key(resume):
+        raise UserError(
+            f"resume: the run folder was renamed (it was {saved!r}); the silos keep their state and "
+            "their own privacy accounts under the run's name: rename it back"
+        )
 
 
 def _open_run_dir(
@@ -488,6 +516,7 @@ def _write_round(run: FederatedRun, rnd: int, eval_model: torch.nn.Module) -> No
             "rows": run.rows,
             "best": run.best,
             "best_state": run.best_state,
+            "run_key": run.strategy.run_key,
         },
     )
 

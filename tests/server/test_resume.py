@@ -94,6 +94,36 @@ def test_seeded_resume_continues_bit_identically(tmp_path, data_dir, method):
         assert [r.get("mask_version") for r in rows_b][1:] == [0, 1, 2, 3]
 
 
+def test_resume_finds_the_silos_state_whatever_out_dir_says_and_refuses_a_renamed_folder(tmp_path, data_dir):
+    """Simulated silos keep their state under the run folder: resuming with another out-dir
+    still continues number for number; a renamed run folder would give the silos another run
+    key (fresh momentum and empty own privacy accounts) and is refused."""
+    cfg, fed = configs(tmp_path / "a", data_dir)
+    cfg = cfg.replace(method="dpsgd")
+    full = run_federated(
+        InProcessGrid(3), cfg, fed, log_fn=lambda s: None, run_dir=str(tmp_path / "a" / "run")
+    )
+    run_b = str(tmp_path / "b" / "run")
+    with pytest.raises(Crash):
+        run_federated(CrashBetweenRounds(3), cfg, fed, log_fn=lambda s: None, run_dir=run_b)
+    resume = fed.__class__(**{**fed.__dict__, "resume": run_b})
+    resumed = run_federated(
+        InProcessGrid(3), cfg.replace(out_dir=str(tmp_path / "elsewhere")), resume, log_fn=lambda s: None
+    )
+    assert resumed["stop_reason"] == "completed" and not os.path.exists(tmp_path / "elsewhere")
+    rows_a = json.load(open(os.path.join(full["run_dir"], "metrics.json")))
+    rows_b = json.load(open(os.path.join(run_b, "metrics.json")))
+    assert [r["test_accuracy"] for r in rows_a] == [r["test_accuracy"] for r in rows_b]
+
+    run_c = str(tmp_path / "c" / "run")
+    with pytest.raises(Crash):
+        run_federated(CrashBetweenRounds(3), cfg, fed, log_fn=lambda s: None, run_dir=run_c)
+    os.rename(run_c, run_c + "-renamed")
+    renamed = fed.__class__(**{**fed.__dict__, "resume": run_c + "-renamed"})
+    with pytest.raises(UserError, match="renamed"):
+        run_federated(InProcessGrid(3), cfg, renamed, log_fn=lambda s: None)
+
+
 def test_resume_with_different_settings_is_refused(tmp_path, data_dir):
     cfg, fed = configs(tmp_path, data_dir)
     run = str(tmp_path / "run")
