@@ -18,11 +18,11 @@ from dataclasses import MISSING, dataclass, fields
 import numpy as np
 import torch
 
-from common.accounting import Phase
+from common.accounting import MAX_STEPS, Phase, calibrate_noise, compute_epsilon
 from common.config import FederatedConfig, TrainConfig
 from common.data import TensorData, load_dataset, take_subset, train_validation_split, with_features
 from common.engine import DPEngine
-from common.errors import ConfigError, DataError
+from common.errors import BudgetError, ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,60 @@ class ClientPlan:
 
     def round_phase(self, noise_multiplier: float) -> Phase:
         return Phase(noise_multiplier, self.sample_rate, self.local_steps)
+
+
+def planned_rounds(fed: FederatedConfig) -> int:
+    """Rounds the noise is calibrated for: the plan's, plus ``reserve-rounds`` (rounds that an
+    interruption may cost: a round in flight when the server dies stays charged and is rerun)."""
+    return fed.num_server_rounds + fed.reserve_rounds
+
+
+def validation_phase(cfg: TrainConfig, fed: FederatedConfig, releases: int = 1) -> Phase | None:
+    """The DP event of ``releases`` noisy validation releases (None when none are charged)."""
+    if fed.validation_release != "noisy" or not cfg.private or releases <= 0:
+        return None
+    return Phase(fed.validation_noise, 1.0, releases)
+
+
+def silo_noise(cfg: TrainConfig, fed: FederatedConfig, plan: ClientPlan, *, name: str = "a silo") -> float:
+    """The noise multiplier of a silo's plan so that taking part in every planned round (and
+    every planned noisy validation release) meets the target: calibrated, or the fixed
+    ``noise-multiplier`` checked. Refusals name the setting at fault, before anything runs."""
+    rounds = planned_rounds(fed)
+    steps = plan.local_steps * rounds
+    if steps > MAX_STEPS:
+        key = "local-steps" if fed.local_steps else "local-epochs"
+        raise ConfigError(
+            key,
+            fed.local_steps or fed.local_epochs,
+            f"gives {name} {steps} steps over {rounds} rounds; the plan allows {MAX_STEPS:.0e}",
+        )
+    fixed = tuple(p for p in [validation_phase(cfg, fed, len(fed.evaluation_rounds(rounds)))] if p)
+    if fixed and cfg.epsilon is not None:
+        eps_fixed = compute_epsilon(phases=list(fixed), delta=cfg.delta, accountant=cfg.accountant)
+        if eps_fixed >= cfg.epsilon:
+            raise ConfigError(
+                "validation-noise",
+                fed.validation_noise,
+                f"its {fixed[0].steps} noisy validation releases alone spend epsilon {eps_fixed:.4g} "
+                f">= target {cfg.epsilon:g}: raise it, evaluate less often (evaluate-every) or "
+                "release nothing (validation-release = 'none')",
+            )
+    sigma = cfg.noise_multiplier
+    if sigma is None:
+        return calibrate_noise(
+            cfg.epsilon, cfg.delta, plan.sample_rate, steps, accountant=cfg.accountant, fixed_phases=fixed
+        )
+    eps = compute_epsilon(
+        phases=[Phase(sigma, plan.sample_rate, steps), *fixed], delta=cfg.delta, accountant=cfg.accountant
+    )
+    if cfg.epsilon is not None and eps > cfg.epsilon * (1 + 1e-9):
+        raise BudgetError(
+            f"{name}'s plan ({rounds} rounds x {plan.local_steps} steps, q={plan.sample_rate:.4g}, "
+            f"sigma={sigma:g}) spends epsilon {eps:.4f} > target {cfg.epsilon:g}: raise the noise "
+            "multiplier or leave it unset to calibrate it"
+        )
+    return sigma
 
 
 def sparse_encode(delta: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:

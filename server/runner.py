@@ -185,9 +185,7 @@ def set_up(
     """Open (or reopen) the run folder, find and plan the silos, restore a checkpoint."""
     t0 = time.time()
     fed.check_with(cfg)  # before a run folder exists
-    ckpt, resumed_ledger = load_checkpoint(fed.resume, cfg, fed) if fed.resume else (None, None)
-    if ckpt is not None:
-        _refuse_renamed(fed.resume, ckpt)
+    ckpt, resumed_ledger = open_checkpoint(fed.resume, cfg, fed) if fed.resume else (None, None)
     run_dir = _open_run_dir(cfg, fed, fed.resume or run_dir, fresh=ckpt is None, command=command)
     # silos without a state-dir of their own (simulation) keep their state in
     # <run folder>/client-state, whatever out-dir says (a resume from another out-dir too)
@@ -241,15 +239,20 @@ def _run_key(run_dir: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]", "_", os.path.basename(os.path.normpath(run_dir))).lstrip("._=-")
 
 
-def _refuse_renamed(resume: str, ckpt: dict) -> None:
-    """The silos must find their state again: a renamed run folder would give them another run
-    key (fresh momentum, empty own privacy accounts), so it is refused."""
+def open_checkpoint(resume: str, cfg: TrainConfig, fed: FederatedConfig) -> tuple[dict, PrivacyLedger]:
+    """:func:`load_checkpoint` of a run that can be continued: not finished, and not renamed
+    (the silos keep their state and their own privacy accounts under the run's name: another
+    name would give them fresh momentum and empty accounts)."""
+    ckpt, ledger = load_checkpoint(resume, cfg, fed)
     saved = ckpt.get("run_key")
     if saved is not None and saved != _run_key(resume):
         raise UserError(
             f"resume: the run folder was renamed (it was {saved!r}); the silos keep their state and "
             "their own privacy accounts under the run's name: rename it back"
         )
+    if ckpt["round"] >= fed.num_server_rounds:
+        raise UserError(f"resume: the run in {resume} finished all its {fed.num_server_rounds} rounds")
+    return ckpt, ledger
 
 
 def _open_run_dir(

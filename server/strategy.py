@@ -31,13 +31,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as P
-from common.accounting import Phase, calibrate_noise, compute_epsilon
+from common.accounting import Phase
 from common.adaclip import AdaClipStatistics
 from common.config import FederatedConfig, TrainConfig
 from common.distributed import LatticePlan, headroom, plan_lattice, to_signed
 from common.engine import derive_seed, step_mode
 from common.errors import BudgetError, UserError
-from common.federated import ClientPlan, aggregate_sparse
+from common.federated import ClientPlan, aggregate_sparse, silo_noise, validation_phase
 from common.masks import (
     ImportanceAccumulator,
     MaskBuilder,
@@ -197,50 +197,19 @@ class AdaDPIGUStrategy(FedAvg):
                 ", ".join(sorted(small)[:5]),
             )
         cache: dict[tuple[float, int], float] = {}
-        # reserve-rounds: budget for rounds that an interruption may cost (a round in flight
-        # when the server dies stays charged and is run again), so the plan still completes
-        rounds = self.fed.num_server_rounds + self.fed.reserve_rounds
-        # noisy validation: every planned release is charged too (a Gaussian on a count)
-        fixed = tuple(p for p in [self.validation_phase(len(self.fed.evaluation_rounds(rounds)))] if p)
         for silo in self.silos.values():
             key = (silo.plan.sample_rate, silo.plan.local_steps)
             if key not in cache:
-                if self.cfg.noise_multiplier is not None:
-                    cache[key] = self._checked_fixed_noise(silo, rounds, fixed)
-                else:
-                    cache[key] = calibrate_noise(
-                        self.cfg.epsilon,
-                        self.cfg.delta,
-                        silo.plan.sample_rate,
-                        silo.plan.local_steps * rounds,
-                        accountant=self.cfg.accountant,
-                        fixed_phases=fixed,
-                    )
+                cache[key] = silo_noise(self.cfg, self.fed, silo.plan, name=silo.name)
             silo.noise_multiplier = cache[key]
         if self.distributed:  # one noise for the one sum: the most demanding silo's
             sigma = max(s.noise_multiplier for s in self.silos.values())
             for silo in self.silos.values():
                 silo.noise_multiplier = sigma
 
-    def _checked_fixed_noise(self, silo: SiloInfo, rounds: int, fixed: tuple[Phase, ...]) -> float:
-        """A fixed ``noise-multiplier``, refused before round 1 (nothing spent) when taking part
-        in every planned round would exceed the target, as centralized training refuses it."""
-        sigma, plan = self.cfg.noise_multiplier, silo.plan
-        phases = [Phase(sigma, plan.sample_rate, plan.local_steps * rounds), *fixed]
-        eps = compute_epsilon(phases=phases, delta=self.cfg.delta, accountant=self.cfg.accountant)
-        if self.cfg.epsilon is not None and eps > self.cfg.epsilon * (1 + 1e-9):
-            raise BudgetError(
-                f"{silo.name}'s plan ({rounds} rounds x {plan.local_steps} steps, q={plan.sample_rate:.4g}, "
-                f"sigma={sigma:g}) spends epsilon {eps:.4f} > target {self.cfg.epsilon:g}: raise the noise "
-                "multiplier or leave it unset to calibrate it"
-            )
-        return sigma
-
     def validation_phase(self, releases: int = 1) -> Phase | None:
         """The DP event of ``releases`` noisy validation releases (None when none are charged)."""
-        if self.fed.validation_release != "noisy" or not self.cfg.private or releases <= 0:
-            return None
-        return Phase(self.fed.validation_noise, 1.0, releases)
+        return validation_phase(self.cfg, self.fed, releases)
 
     # ----- schedule ----------------------------------------------------------------------
     def phase_of(self, server_round: int) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 
 from common.config import split_run_config
 from common.errors import ConfigError, UserError
-from common.federated import check_silo_plans
+from simulations.launcher import preflight
 from simulations.processes import (  # noqa: F401  (process_alive: re-exported for callers)
     GRACE_SECONDS,
     ProcessTracker,
@@ -116,14 +116,9 @@ def resolve_run_config(
         )
     merged = {**defaults, **overrides}
     cfg, fed = split_run_config(merged)  # raises ConfigError on a bad value
-    fed.importance_rounds_for(cfg)  # settings that only fail together (e.g. importance vs total rounds)
-    need = max(fed.min_available_nodes, fed.min_train_nodes)
-    if need > silos:
-        raise ConfigError(
-            "min-available-nodes", need, f"cannot exceed the number of silos ({silos}); lower it or add silos"
-        )
-    # every silo can run its plan, before any process starts (on the data the silos will read)
-    check_silo_plans(cfg, fed, silos, data_dir=os.fspath(data_dir) if data_dir else None)
+    # settings that fail only together, every silo's plan and noise, a resume: before any
+    # process starts (on the data the silos will read)
+    preflight(cfg, fed, silos, data_dir=os.fspath(data_dir) if data_dir else None)
     out = dict(overrides)
     out["out-dir"] = os.path.abspath(str(merged["out-dir"]))
     return out

@@ -8,7 +8,7 @@ import sys
 
 from common.config import FederatedConfig
 from common.errors import ConfigError
-from common.federated import check_silo_plans
+from common.federated import check_silo_plans, silo_noise
 
 
 def _check(cfg, fed: FederatedConfig, num_supernodes, num_cpus, num_gpus, ray_num_cpus, ray_address) -> None:
@@ -27,19 +27,38 @@ def _check(cfg, fed: FederatedConfig, num_supernodes, num_cpus, num_gpus, ray_nu
         raise ConfigError("num-cpus", num_cpus, "must be a number > 0")
     if not (num_gpus >= 0 and math.isfinite(num_gpus)):
         raise ConfigError("num-gpus", num_gpus, "must be a number >= 0")
-    fed.importance_rounds_for(cfg)  # fail before Ray starts
+    preflight(cfg, fed, num_supernodes)
+    if ray_num_cpus is not None and not (isinstance(ray_num_cpus, int) and ray_num_cpus >= 1):
+        raise ConfigError("ray-num-cpus", ray_num_cpus, "must be an integer >= 1")
+    available = ray_num_cpus if ray_num_cpus is not None else (os.cpu_count() or 1)
+    if ray_address is None and num_cpus > available:
+        raise ConfigError(
+            "num-cpus",
+            num_cpus,
+            f"a client needs more than the {available} CPUs Ray has: no client could start",
+        )
+
+
+def preflight(cfg, fed: FederatedConfig, silos: int, *, data_dir: str | None = None) -> None:
+    """The checks of a federated run that need no process: settings that fail only together,
+    every silo's plan (as centrally) and its noise, a resume. ``simulate`` and
+    ``deploy-local`` run it before they start anything; the server checks again."""
+    fed.importance_rounds_for(cfg)
     fed.check_with(cfg)
-    if fed.dp_noise == "distributed" and fed.secagg_survivors > num_supernodes:
-        raise ConfigError(
-            "secagg-survivors", fed.secagg_survivors, f"exceeds the {num_supernodes} silos (num-supernodes)"
-        )
-    check_silo_plans(cfg, fed, num_supernodes)  # every silo can run its plan (same checks as centrally)
-    if fed.min_available_nodes > num_supernodes or fed.min_train_nodes > num_supernodes:
-        raise ConfigError(
-            "min-available-nodes",
-            max(fed.min_available_nodes, fed.min_train_nodes),
-            f"cannot exceed num-supernodes ({num_supernodes})",
-        )
+    need = max(fed.min_available_nodes, fed.min_train_nodes)
+    if need > silos:
+        raise ConfigError("min-available-nodes", need, f"cannot exceed the number of silos ({silos})")
+    if fed.dp_noise == "distributed" and fed.secagg_survivors > silos:
+        raise ConfigError("secagg-survivors", fed.secagg_survivors, f"exceeds the number of silos ({silos})")
+    plans = check_silo_plans(cfg, fed, silos, data_dir=data_dir)
+    if cfg.private:  # the noise of each distinct plan (calibrated, or the fixed one checked)
+        distinct = {(p.sample_rate, p.local_steps): (i, p) for i, p in enumerate(plans)}
+        for i, plan in distinct.values():
+            silo_noise(cfg, fed, plan, name=f"silo-{i}")
+    if fed.resume:
+        from server.runner import open_checkpoint
+
+        open_checkpoint(fed.resume, cfg, fed)  # a run that can be continued, with these settings
 
 
 def simulate(

@@ -111,6 +111,8 @@ def test_resume_finds_the_silos_state_whatever_out_dir_says_and_refuses_a_rename
         InProcessGrid(3), cfg.replace(out_dir=str(tmp_path / "elsewhere")), resume, log_fn=lambda s: None
     )
     assert resumed["stop_reason"] == "completed" and not os.path.exists(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="finished all its 4 rounds"):  # nothing left to continue
+        run_federated(InProcessGrid(3), cfg, resume, log_fn=lambda s: None)
     rows_a = json.load(open(os.path.join(full["run_dir"], "metrics.json")))
     rows_b = json.load(open(os.path.join(run_b, "metrics.json")))
     assert [r["test_accuracy"] for r in rows_a] == [r["test_accuracy"] for r in rows_b]
