@@ -540,6 +540,17 @@ class FederatedConfig:
         _number("server-beta1", self.server_beta1, lo=0.0, hi=1.0, hi_open=True)
         _number("server-beta2", self.server_beta2, lo=0.0, hi=1.0, hi_open=True)
         _number("server-tau", self.server_tau, lo=0.0, lo_open=True)
+        if self.server_optimizer not in ("fedadagrad", "fedadam", "fedyogi"):
+            for f in fields(self):
+                if (
+                    f.name in ("server_beta1", "server_beta2", "server_tau")
+                    and getattr(self, f.name) != f.default
+                ):
+                    raise ConfigError(
+                        f.name.replace("_", "-"),
+                        getattr(self, f.name),
+                        f"is used by server-optimizer fedadagrad / fedadam / fedyogi only (here '{self.server_optimizer}')",
+                    )
         _choice("dp-noise", self.dp_noise, DP_NOISE)
         _number("secagg-survivors", self.secagg_survivors, lo=0, hi=10**4, integer=True)
         _number("secagg-key-rounds", self.secagg_key_rounds, lo=1, hi=1000, integer=True)

@@ -325,7 +325,7 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
         f"[plan] {cfg.method} on {cfg.dataset}: {len(strategy.silos)} silos, {fed.num_server_rounds} rounds "
         f"({strategy.importance_rounds} importance), noise multiplier {sigmas}, target epsilon "
         f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; model selection: "
-        f"{_selection_words(fed)}; silo sizes: "
+        f"{_selection_words(cfg, fed)}; silo sizes: "
         f"{'declared (public)' if cfg.silo_sizes == 'declared' else 'EXACT counts, outside the DP guarantee (opt-out)'}; "
         f"noise: {_noise_words(fed, len(strategy.silos))}; "
         f"run folder {run.run_dir}"
@@ -542,8 +542,10 @@ def _noise_words(fed: FederatedConfig, silos: int) -> str:
     )
 
 
-def _selection_words(fed: FederatedConfig) -> str:
+def _selection_words(cfg: TrainConfig, fed: FederatedConfig) -> str:
     """How the released model is chosen, in the words the run folder and console use."""
+    if fed.validation_release == "noisy" and not cfg.private:
+        return "best exact validation accuracy (a nonprivate run adds no noise)"
     return {
         "none": "the last round's model (no validation metrics leave the silos)",
         "noisy": f"best noisy validation accuracy (Gaussian std {fed.validation_noise:g} on counts, in the ledger)",
@@ -554,7 +556,7 @@ def _selection_words(fed: FederatedConfig) -> str:
 def finish(run: FederatedRun, stop_reason: str) -> dict:
     """The best model on validation, the final files and ``summary.json``."""
     cfg, strategy, ledger, rows, best = run.cfg, run.strategy, run.ledger, run.rows, run.best
-    selection = _selection_words(run.fed)
+    selection = _selection_words(run.cfg, run.fed)
     if (run.fed.validation_release == "none" or best["round"] == 0) and len(rows) > 1:
         # nothing left the silos for selection (validation-release none, or no validation
         # accuracy at all, e.g. validation-fraction 0): the released model is the last round's,

@@ -196,6 +196,7 @@ class AdaDPIGUStrategy(FedAvg):
                 self.cfg.delta,
                 ", ".join(sorted(small)[:5]),
             )
+        self._warn_if_validation_is_noise()
         cache: dict[tuple[float, int], float] = {}
         for silo in self.silos.values():
             key = (silo.plan.sample_rate, silo.plan.local_steps)
@@ -206,6 +207,26 @@ class AdaDPIGUStrategy(FedAvg):
             sigma = max(s.noise_multiplier for s in self.silos.values())
             for silo in self.silos.values():
                 silo.noise_multiplier = sigma
+
+    def _warn_if_validation_is_noise(self) -> None:
+        """Noisy validation: the released accuracy is (sum of noisy counts) / (validation
+        examples), with std sigma * sqrt(silos) / examples. When that is more than a point,
+        choosing among rounds on it is mostly choosing on noise: say so before round 1."""
+        if self.validation_phase() is None or not self.silos:
+            return
+        n_val = sum(s.n_val for s in self.silos.values())
+        std = self.fed.validation_noise * math.sqrt(len(self.silos)) / max(n_val, 1)
+        if std > 0.01:
+            log(
+                WARNING,
+                "noisy validation: the released accuracy has a noise std of %.3f (validation-noise %g "
+                "over %d validation examples in %d silos): the best round is chosen mostly on noise; "
+                "use more validation data, a smaller validation-noise or validation-release = 'none'",
+                std,
+                self.fed.validation_noise,
+                n_val,
+                len(self.silos),
+            )
 
     def validation_phase(self, releases: int = 1) -> Phase | None:
         """The DP event of ``releases`` noisy validation releases (None when none are charged)."""

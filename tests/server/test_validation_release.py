@@ -89,9 +89,12 @@ def test_without_validation_data_a_validation_release_is_refused_and_none_keeps_
     assert all(torch.equal(best[k], final[k]) for k in best)
 
 
-def test_noisy_validation_is_charged_calibrated_and_never_exact(tmp_path, data_dir):
+def test_noisy_validation_is_charged_calibrated_and_never_exact(tmp_path, data_dir, caplog):
     sigma_v = 30.0
     summary, grid = _run(tmp_path, data_dir, "noisy", validation_noise=sigma_v)
+    # 3 silos x 60 validation examples: the released accuracy's noise std is 30 * sqrt(3) / 180
+    # = 0.29, and the run says before round 1 that selection on it is mostly noise
+    assert "noise std of 0.289" in caplog.text and "chosen mostly on noise" in caplog.text
     # every reply carries a noisy count only: no exact accuracy or loss left a silo
     assert grid.evaluation_metrics and all(
         set(m) == {P.NUM_EXAMPLES, P.VAL_CORRECT_NOISY} for m in grid.evaluation_metrics

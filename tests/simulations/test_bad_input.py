@@ -275,6 +275,10 @@ CASES = {
         "does not exist",
     ),
     "simulate: negative Ray CPUs": (["simulate", "--ray-num-cpus", "-1"], "ray-num-cpus"),
+    "simulate: an adaptive server optimizer's setting with fedavg": (
+        ["simulate", "--server-tau", "0.1"],
+        "server-tau",
+    ),
     "simulate: a client larger than Ray": (
         ["simulate", "--num-cpus", "3", "--ray-num-cpus", "2"],
         "num-cpus",
