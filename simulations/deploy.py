@@ -512,8 +512,8 @@ def _watch_run(
             runner.fh.write((line + "\n").encode())
             line = _strip_ansi(line)
             output.append(line)
-            if "adadpigu: error" in line:
-                errors.append(line.strip())
+            if "adadpigu: error:" in line:  # the message only (the log prefix and ours dropped)
+                errors.append(line.split("adadpigu: error:", 1)[1].strip())
             log(line)
         runner.fh.flush()
         if eof and flwr_run.poll() is not None:
