@@ -553,21 +553,26 @@ def _selection_words(cfg: TrainConfig, fed: FederatedConfig) -> str:
     }[fed.validation_release]
 
 
+def _choose_released(run: FederatedRun) -> str:
+    """Settle ``run.best`` (the released model) and say how it was chosen."""
+    rows = run.rows
+    if (run.fed.validation_release == "none" or run.best["round"] == 0) and len(rows) > 1:
+        # nothing left the silos for selection (validation-release none, or no validation
+        # accuracy at all, e.g. validation-fraction 0): the last round's model, never the initial
+        run.best = {"round": rows[-1]["round"], "val_accuracy": None}
+        run.best_state = copy.deepcopy(run.strategy.evaluation_model().state_dict())
+        if run.fed.validation_release != "none":
+            return "the last round's model (no validation accuracy was measured)"
+    elif len(rows) == 1:  # stopped before round 1: the initial model, no validation accuracy
+        run.best = {"round": 0, "val_accuracy": None}
+        return "the initial model (no round completed)"
+    return _selection_words(run.cfg, run.fed)
+
+
 def finish(run: FederatedRun, stop_reason: str) -> dict:
     """The best model on validation, the final files and ``summary.json``."""
+    selection = _choose_released(run)
     cfg, strategy, ledger, rows, best = run.cfg, run.strategy, run.ledger, run.rows, run.best
-    selection = _selection_words(run.cfg, run.fed)
-    if (run.fed.validation_release == "none" or best["round"] == 0) and len(rows) > 1:
-        # nothing left the silos for selection (validation-release none, or no validation
-        # accuracy at all, e.g. validation-fraction 0): the released model is the last round's,
-        # never the initial one
-        if run.fed.validation_release != "none":
-            selection = "the last round's model (no validation accuracy was measured)"
-        run.best = best = {"round": rows[-1]["round"], "val_accuracy": None}
-        run.best_state = copy.deepcopy(strategy.evaluation_model().state_dict())
-    elif len(rows) == 1:  # stopped before round 1: the initial model, no validation accuracy
-        run.best = best = {"round": 0, "val_accuracy": None}
-        selection = "the initial model (no round completed)"
     if len(rows) > 1 and math.isnan(rows[-1]["test_accuracy"]):  # stopped between test rounds
         final = strategy.evaluation_model()
         rows[-1]["test_loss"], rows[-1]["test_accuracy"] = evaluate(final, run.test)

@@ -152,3 +152,24 @@ def test_the_noisy_count_is_over_the_real_validation_examples(tmp_path, data_dir
     assert grid.evaluation_metrics
     assert all(m[P.VAL_CORRECT_NOISY] == 30.0 for m in grid.evaluation_metrics)
     assert all(m[P.NUM_EXAMPLES] == 70 for m in grid.evaluation_metrics)  # the declared size is reported
+
+
+def test_a_run_stopped_before_round_one_reports_the_initial_model_and_no_validation(
+    tmp_path, data_dir, monkeypatch
+):
+    """A run that stops before any round (here: the budget check refuses round 1) says so:
+    no validation accuracy (not the internal -1 placeholder) and 'the initial model'."""
+    from common.errors import BudgetError
+    from server.strategy import AdaDPIGUStrategy
+
+    def refuse(self, *a, **kw):
+        raise BudgetError("round 1 would exceed the target")
+
+    monkeypatch.setattr(AdaDPIGUStrategy, "configure_train", refuse)
+    cfg, fed = small_run_configs(
+        tmp_path, data_dir, epsilon=4.0, rounds=3, train_subset=1800, seed=0, validation_release="noisy"
+    )
+    summary = run_federated(InProcessGrid(3), cfg.replace(method="dpsgd"), fed, log_fn=lambda s: None)
+    assert summary["stop_reason"].startswith("budget") and summary["rounds_completed"] == 0
+    assert summary["best_round"] == 0 and summary["best_val_accuracy"] is None
+    assert summary["model_selection"] == "the initial model (no round completed)"
