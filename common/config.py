@@ -69,7 +69,7 @@ def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ConfigError(name, value, "allowed: " + ", ".join(allowed))
 
 
-def _number(
+def check_number(
     name: str,
     value: object,
     *,
@@ -229,57 +229,57 @@ class TrainConfig:
         if self.private and self.epsilon is None and self.noise_multiplier is None:
             raise ConfigError("epsilon", self.epsilon, "a private method needs a target epsilon > 0")
         if self.epsilon is not None:  # checked for every method: a nonprivate run records it too
-            _number("epsilon", self.epsilon, lo=0.0, lo_open=True, hi=1e4)
-        _number("delta", self.delta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+            check_number("epsilon", self.epsilon, lo=0.0, lo_open=True, hi=1e4)
+        check_number("delta", self.delta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
         if self.noise_multiplier is not None:
-            _number("noise-multiplier", self.noise_multiplier, lo=0.0, lo_open=True, hi=1e9)
+            check_number("noise-multiplier", self.noise_multiplier, lo=0.0, lo_open=True, hi=1e9)
         if self.pretrain_noise_multiplier is not None:
-            _number(
+            check_number(
                 "pretrain-noise-multiplier",
                 self.pretrain_noise_multiplier,
                 lo=0.0,
                 lo_open=True,
                 hi=1e9,
             )
-        _number("batch-size", self.batch_size, lo=1, integer=True)
+        check_number("batch-size", self.batch_size, lo=1, integer=True)
         if self.sample_rate is not None:
-            _number("sample-rate", self.sample_rate, lo=0.0, hi=1.0, lo_open=True)
-        _number("clip-norm", self.clip_norm, lo=0.0, lo_open=True)
-        _number("lr", self.lr, lo=0.0, lo_open=True, hi=1e6)
-        _number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
-        _number("ema-decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
-        _number("augmult", self.augmult, lo=0, hi=256, integer=True)
-        _number("epochs", self.epochs, lo=1, integer=True)
-        _number("pretrain-fraction", self.pretrain_fraction, lo=0.0, hi=1.0, hi_open=True)
-        _number("r0", self.r0, lo=0.0, hi=1.0, lo_open=True)
-        _number("r-max", self.r_max, lo=0.0, hi=1.0, lo_open=True)
+            check_number("sample-rate", self.sample_rate, lo=0.0, hi=1.0, lo_open=True)
+        check_number("clip-norm", self.clip_norm, lo=0.0, lo_open=True)
+        check_number("lr", self.lr, lo=0.0, lo_open=True, hi=1e6)
+        check_number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        check_number("ema-decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
+        check_number("augmult", self.augmult, lo=0, hi=256, integer=True)
+        check_number("epochs", self.epochs, lo=1, integer=True)
+        check_number("pretrain-fraction", self.pretrain_fraction, lo=0.0, hi=1.0, hi_open=True)
+        check_number("r0", self.r0, lo=0.0, hi=1.0, lo_open=True)
+        check_number("r-max", self.r_max, lo=0.0, hi=1.0, lo_open=True)
         if self.r_max < self.r0:
             raise ConfigError("r-max", self.r_max, f"must be >= r0 ({self.r0})")
         parse_schedule(self.schedule)
-        _number("mask-refresh", self.mask_refresh, lo=0, hi=1_000_000, integer=True)
+        check_number("mask-refresh", self.mask_refresh, lo=0, hi=1_000_000, integer=True)
         if self.mask_refresh > 0 and not self.uses_mask:
             raise ConfigError(
                 "mask-refresh",
                 self.mask_refresh,
                 f"re-scores AdaDPIGU's mask; method {self.method} has no mask",
             )
-        _number("beta1", self.beta1, lo=0.0, hi=1.0, hi_open=True)
-        _number("beta2", self.beta2, lo=0.0, hi=1.0, hi_open=True)
-        _number("h1", self.h1, lo=0.0, lo_open=True)
-        _number("h2", self.h2, lo=0.0, lo_open=True)
+        check_number("beta1", self.beta1, lo=0.0, hi=1.0, hi_open=True)
+        check_number("beta2", self.beta2, lo=0.0, hi=1.0, hi_open=True)
+        check_number("h1", self.h1, lo=0.0, lo_open=True)
+        check_number("h2", self.h2, lo=0.0, lo_open=True)
         if self.h2 <= self.h1:
             raise ConfigError("h2", self.h2, f"must be > h1 ({self.h1:g})")
-        _number("validation-fraction", self.validation_fraction, lo=0.0, hi=0.9)
-        _number("train-subset", self.train_subset, lo=0, integer=True)
-        _number("test-subset", self.test_subset, lo=0, integer=True)
-        _number("alpha", self.alpha, lo=0.0, lo_open=True)
-        _number("classes-per-silo", self.classes_per_silo, lo=1, integer=True)
-        _number("min-silo-size", self.min_silo_size, lo=1, integer=True)
+        check_number("validation-fraction", self.validation_fraction, lo=0.0, hi=0.9)
+        check_number("train-subset", self.train_subset, lo=0, integer=True)
+        check_number("test-subset", self.test_subset, lo=0, integer=True)
+        check_number("alpha", self.alpha, lo=0.0, lo_open=True)
+        check_number("classes-per-silo", self.classes_per_silo, lo=1, integer=True)
+        check_number("min-silo-size", self.min_silo_size, lo=1, integer=True)
         _choice("silo-sizes", self.silo_sizes, SILO_SIZES)
-        _number("declared-silo-size", self.declared_silo_size, lo=0, hi=10**9, integer=True)
-        _number("silo-size-tolerance", self.silo_size_tolerance, lo=0.0, hi=10.0)
-        _number("seed", self.seed, lo=-1, hi=2**63 - 1, integer=True)
-        _number("max-physical-batch", self.max_physical_batch, lo=1, integer=True)
+        check_number("declared-silo-size", self.declared_silo_size, lo=0, hi=10**9, integer=True)
+        check_number("silo-size-tolerance", self.silo_size_tolerance, lo=0.0, hi=10.0)
+        check_number("seed", self.seed, lo=-1, hi=2**63 - 1, integer=True)
+        check_number("max-physical-batch", self.max_physical_batch, lo=1, integer=True)
         if not isinstance(self.data_dir, str) or not self.data_dir:
             raise ConfigError("data-dir", self.data_dir, "must be a non-empty path")
         if not isinstance(self.out_dir, str) or not self.out_dir:
@@ -342,9 +342,9 @@ class TrainConfig:
                     self.augmult,
                     "augments images; with features = 'scatter' the model sees fixed features (set 0)",
                 )
-            _number("scatter-groups", self.scatter_groups, lo=1, integer=True)
-            _number("scatter-norm-noise", self.scatter_norm_noise, lo=0.0, lo_open=True, hi=1e9)
-            _number("scatter-norm-clip", self.scatter_norm_clip, lo=0.0, lo_open=True, hi=1e9)
+            check_number("scatter-groups", self.scatter_groups, lo=1, integer=True)
+            check_number("scatter-norm-noise", self.scatter_norm_noise, lo=0.0, lo_open=True, hi=1e9)
+            check_number("scatter-norm-clip", self.scatter_norm_clip, lo=0.0, lo_open=True, hi=1e9)
             if SCATTER_CHANNELS % self.scatter_groups:
                 raise ConfigError(
                     "scatter-groups",
@@ -510,36 +510,36 @@ class FederatedConfig:
     secagg_key_rounds: int = 10  # rounds served by one secure-aggregation key set-up
 
     def __post_init__(self) -> None:
-        _number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
-        _number("importance-rounds", self.importance_rounds, lo=0, integer=True)
-        _number("local-epochs", self.local_epochs, lo=0.0, lo_open=True, hi=1e4)
-        _number("fraction-train", self.fraction_train, lo=0.0, hi=1.0, lo_open=True)
-        _number("fraction-evaluate", self.fraction_evaluate, lo=0.0, hi=1.0)
+        check_number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
+        check_number("importance-rounds", self.importance_rounds, lo=0, integer=True)
+        check_number("local-epochs", self.local_epochs, lo=0.0, lo_open=True, hi=1e4)
+        check_number("fraction-train", self.fraction_train, lo=0.0, hi=1.0, lo_open=True)
+        check_number("fraction-evaluate", self.fraction_evaluate, lo=0.0, hi=1.0)
         _choice("validation-release", self.validation_release, VALIDATION_RELEASES)
-        _number("validation-noise", self.validation_noise, lo=0.0, lo_open=True, hi=1e9)
-        _number("min-available-nodes", self.min_available_nodes, lo=1, integer=True)
-        _number("min-train-nodes", self.min_train_nodes, lo=1, integer=True)
-        _number("round-timeout", self.round_timeout, lo=0.0, lo_open=True)
-        _number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
-        _number("evaluate-every", self.evaluate_every, lo=0, integer=True)
-        _number("test-every", self.test_every, lo=0, integer=True)
-        _number("reserve-rounds", self.reserve_rounds, lo=0, hi=10**4, integer=True)
-        _number("max-update-norm", self.max_update_norm, lo=0.0, lo_open=True)
-        _number("local-steps", self.local_steps, lo=0, hi=10**6, integer=True)
+        check_number("validation-noise", self.validation_noise, lo=0.0, lo_open=True, hi=1e9)
+        check_number("min-available-nodes", self.min_available_nodes, lo=1, integer=True)
+        check_number("min-train-nodes", self.min_train_nodes, lo=1, integer=True)
+        check_number("round-timeout", self.round_timeout, lo=0.0, lo_open=True)
+        check_number("startup-timeout", self.startup_timeout, lo=0.0, lo_open=True)
+        check_number("evaluate-every", self.evaluate_every, lo=0, integer=True)
+        check_number("test-every", self.test_every, lo=0, integer=True)
+        check_number("reserve-rounds", self.reserve_rounds, lo=0, hi=10**4, integer=True)
+        check_number("max-update-norm", self.max_update_norm, lo=0.0, lo_open=True)
+        check_number("local-steps", self.local_steps, lo=0, hi=10**6, integer=True)
         _choice("client-optimizer-state", self.client_optimizer_state, CLIENT_OPTIMIZER_STATES)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        _number("server-momentum", self.server_momentum, lo=0.0, hi=1.0, hi_open=True)
+        check_number("server-momentum", self.server_momentum, lo=0.0, hi=1.0, hi_open=True)
         if self.server_momentum > 0 and self.server_optimizer != "fedavgm":
             raise ConfigError(
                 "server-momentum",
                 self.server_momentum,
                 f"is used by server-optimizer 'fedavgm' only (here '{self.server_optimizer}')",
             )
-        _number("server-lr", self.server_lr, lo=0.0, lo_open=True, hi=1e4)
+        check_number("server-lr", self.server_lr, lo=0.0, lo_open=True, hi=1e4)
         _choice("server-lr-schedule", self.server_lr_schedule, LR_SCHEDULES)
-        _number("server-beta1", self.server_beta1, lo=0.0, hi=1.0, hi_open=True)
-        _number("server-beta2", self.server_beta2, lo=0.0, hi=1.0, hi_open=True)
-        _number("server-tau", self.server_tau, lo=0.0, lo_open=True)
+        check_number("server-beta1", self.server_beta1, lo=0.0, hi=1.0, hi_open=True)
+        check_number("server-beta2", self.server_beta2, lo=0.0, hi=1.0, hi_open=True)
+        check_number("server-tau", self.server_tau, lo=0.0, lo_open=True)
         if self.server_optimizer not in ("fedadagrad", "fedadam", "fedyogi"):
             for f in fields(self):
                 if (
@@ -552,8 +552,8 @@ class FederatedConfig:
                         f"is used by server-optimizer fedadagrad / fedadam / fedyogi only (here '{self.server_optimizer}')",
                     )
         _choice("dp-noise", self.dp_noise, DP_NOISE)
-        _number("secagg-survivors", self.secagg_survivors, lo=0, hi=10**4, integer=True)
-        _number("secagg-key-rounds", self.secagg_key_rounds, lo=1, hi=1000, integer=True)
+        check_number("secagg-survivors", self.secagg_survivors, lo=0, hi=10**4, integer=True)
+        check_number("secagg-key-rounds", self.secagg_key_rounds, lo=1, hi=1000, integer=True)
 
     def check_with(self, cfg: TrainConfig) -> None:
         """Settings valid alone but not together with ``cfg``: refused by name."""

@@ -58,6 +58,15 @@ def validation_phase(cfg: TrainConfig, fed: FederatedConfig, releases: int = 1) 
     return Phase(fed.validation_noise, 1.0, releases)
 
 
+@functools.lru_cache(maxsize=64)
+def _calibrated(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str, fixed: tuple[Phase, ...]
+) -> float:
+    """:func:`calibrate_noise`, once per plan in a process: the pre-flight check of
+    ``adadpigu simulate`` and its server (same process) calibrate the same plans."""
+    return calibrate_noise(epsilon, delta, sample_rate, steps, accountant=accountant, fixed_phases=fixed)
+
+
 def silo_noise(cfg: TrainConfig, fed: FederatedConfig, plan: ClientPlan, *, name: str = "a silo") -> float:
     """The noise multiplier of a silo's plan so that taking part in every planned round (and
     every planned noisy validation release) meets the target: calibrated, or the fixed
@@ -84,9 +93,7 @@ def silo_noise(cfg: TrainConfig, fed: FederatedConfig, plan: ClientPlan, *, name
             )
     sigma = cfg.noise_multiplier
     if sigma is None:
-        return calibrate_noise(
-            cfg.epsilon, cfg.delta, plan.sample_rate, steps, accountant=cfg.accountant, fixed_phases=fixed
-        )
+        return _calibrated(cfg.epsilon, cfg.delta, plan.sample_rate, steps, cfg.accountant, fixed)
     eps = compute_epsilon(
         phases=[Phase(sigma, plan.sample_rate, steps), *fixed], delta=cfg.delta, accountant=cfg.accountant
     )

@@ -37,7 +37,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 
-from common.config import APP_DEFAULTS, FederatedConfig, TrainConfig, refuse_centralized_only
+from common.config import APP_DEFAULTS, FederatedConfig, TrainConfig, check_number, refuse_centralized_only
 from common.errors import ConfigError, UserError
 from simulations.processes import process_alive
 from simulations.results import collect, stopped_early
@@ -124,17 +124,11 @@ def load_sweep(path: str) -> Sweep:
 def _sweep_number(head: dict, key: str, default: float, *, integer: bool = False):
     """A number of the [sweep] table: an integer >= 1 (num-supernodes) or a number > 0."""
     value = head.get(key, default)
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if (
-        isinstance(value, bool)
-        or not ok
-        or not math.isfinite(value)
-        or (value < 1 if integer else value <= 0)
-    ):
-        raise ConfigError(
-            f"sweep.{key}", value, "must be an integer >= 1" if integer else "must be a number > 0"
-        )
-    return int(value) if integer else float(value)
+    if integer:
+        check_number(f"sweep.{key}", value, lo=1, integer=True)
+        return int(value)
+    check_number(f"sweep.{key}", value, lo=0.0, lo_open=True)
+    return float(value)
 
 
 def configs_for(sweep: Sweep, cell: dict) -> tuple[TrainConfig, FederatedConfig]:

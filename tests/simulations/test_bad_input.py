@@ -30,6 +30,12 @@ def _sweep_file(tmp_path, text):
     return str(path)
 
 
+# a two-silo simulation on a small subset: the federated cases below change one thing in it
+SMALL_SIM = [
+    "simulate", "--num-supernodes", "2", "--min-available-nodes", "2", "--min-train-nodes", "2",
+    "--train-subset", "600", "--batch-size", "64",
+]  # fmt: skip
+
 CASES = {
     "unknown method": (["train", "--method", "bogus"], "method"),
     "zero epochs": (["train", "--epochs", "0"], "epochs"),
@@ -189,40 +195,12 @@ CASES = {
     "a flag's type names the flag": (["train", "--batch-size", "1.5"], "'batch-size' = '1.5'"),
     # federated plans that cannot run, refused before Ray starts (they used to fail after it)
     "simulate: fixed sigma over the target": (
-        [
-            "simulate",
-            "--num-supernodes",
-            "2",
-            "--min-available-nodes",
-            "2",
-            "--min-train-nodes",
-            "2",
-            "--train-subset",
-            "600",
-            "--batch-size",
-            "64",
-            "--method",
-            "dpsgd",
-            "--noise-multiplier",
-            "0.3",
-            "--epsilon",
-            "1",
-        ],
+        [*SMALL_SIM, "--method", "dpsgd", "--noise-multiplier", "0.3", "--epsilon", "1"],
         "spends epsilon",
     ),
     "simulate: validation noise alone over the target": (
         [
-            "simulate",
-            "--num-supernodes",
-            "2",
-            "--min-available-nodes",
-            "2",
-            "--min-train-nodes",
-            "2",
-            "--train-subset",
-            "600",
-            "--batch-size",
-            "64",
+            *SMALL_SIM,
             "--method",
             "dpsgd",
             "--validation-release",
@@ -235,43 +213,11 @@ CASES = {
         "'validation-noise' = 0.05",
     ),
     "simulate: a plan over the step limit": (
-        [
-            "simulate",
-            "--num-supernodes",
-            "2",
-            "--min-available-nodes",
-            "2",
-            "--min-train-nodes",
-            "2",
-            "--train-subset",
-            "600",
-            "--batch-size",
-            "64",
-            "--method",
-            "dpsgd",
-            "--local-steps",
-            "1000000",
-            "--num-server-rounds",
-            "101",
-        ],
+        [*SMALL_SIM, "--method", "dpsgd", "--local-steps", "1000000", "--num-server-rounds", "101"],
         "'local-steps'",
     ),
     "simulate: resume a folder that is no run": (
-        [
-            "simulate",
-            "--num-supernodes",
-            "2",
-            "--min-available-nodes",
-            "2",
-            "--min-train-nodes",
-            "2",
-            "--train-subset",
-            "600",
-            "--batch-size",
-            "64",
-            "--resume",
-            "/nonexistent/run",
-        ],
+        [*SMALL_SIM, "--resume", "/nonexistent/run"],
         "does not exist",
     ),
     "simulate: negative Ray CPUs": (["simulate", "--ray-num-cpus", "-1"], "ray-num-cpus"),
