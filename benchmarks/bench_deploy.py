@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 silos, 2 rounds (CI)")
     p.add_argument("--out", default=None)
+    p.add_argument("--out-dir", default=None, help="where the run folder goes (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     if args.smoke:
         args.silos, args.rounds, args.per_client = 2, 2, 200
@@ -51,11 +53,26 @@ def main(argv: list[str] | None = None) -> int:
         "batch-size": args.batch_size, "train-subset": args.silos * args.per_client, "test-subset": 1000,
         "min-available-nodes": args.silos, "min-train-nodes": args.silos, "seed": 0,
     }  # fmt: skip
-    t0 = time.time()
-    result = deploy_local(
-        overrides, silos=args.silos, superlink_port=0, base_supernode_port=0, log=lambda s: None
-    )
-    total = time.time() - t0
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        overrides["out-dir"] = args.out_dir or tmp  # never the caller's ./runs
+        t0 = time.time()
+        result = deploy_local(
+            overrides, silos=args.silos, superlink_port=0, base_supernode_port=0, log=lambda s: None
+        )
+        total = time.time() - t0
+        row = _row(args, result, plan, t_step, total)
+    print(json.dumps(row) if args.json else
+          f"{args.silos} silos: {row['overhead_seconds_per_message']:.2f} s per message beyond its "
+          f"{row['compute_seconds_per_message'] * 1e3:.0f} ms of compute (clients' phase "
+          f"{row['client_phase_seconds_median']:.2f} s)")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"command": "python -m benchmarks.bench_deploy " + " ".join(sys.argv[1:]), "rows": [row]}, fh,
+                      indent=2)  # fmt: skip
+    return 0
+
+
+def _row(args, result: dict, plan, t_step: float, total: float) -> dict:
     if result["returncode"] != 0 or result["summary"] is None:
         raise SystemExit(f"bench_deploy: the run failed: {result.get('errors')}; logs {result.get('logs')}")
     with open(os.path.join(result["run_dir"], "metrics.json")) as fh:
@@ -74,14 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": total,
         "cores": os.cpu_count(),
     }
-    print(json.dumps(row) if args.json else
-          f"{args.silos} silos: {row['overhead_seconds_per_message']:.2f} s per message beyond its "
-          f"{compute * 1e3:.0f} ms of compute (clients' phase {clients_s:.2f} s)")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"command": "python -m benchmarks.bench_deploy " + " ".join(sys.argv[1:]), "rows": [row]}, fh,
-                      indent=2)  # fmt: skip
-    return 0
+    return row
 
 
 if __name__ == "__main__":

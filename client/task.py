@@ -18,7 +18,14 @@ from common.data import TensorData
 from common.distributed import LatticePlan, SecureRandom, noisy_share, rounding_bound_sq
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError
-from common.federated import check_declared_size, declared_sizes, load_silo, local_round, sparse_encode
+from common.federated import (
+    check_declared_size,
+    declared_sizes,
+    layout_key,
+    load_silo,
+    local_round,
+    sparse_encode,
+)
 from common.masks import unpack_mask
 from common.models import build_model_for
 
@@ -48,24 +55,11 @@ def data_dir_for(cfg: TrainConfig, context: Context) -> str:
     return os.environ.get(DEFAULT_DATA_DIR_ENV) or cfg.data_dir
 
 
-def _data_key(cfg: TrainConfig) -> tuple:
-    return (
-        cfg.dataset,
-        cfg.train_subset,
-        cfg.validation_fraction,
-        cfg.partitioner,
-        cfg.alpha,
-        cfg.classes_per_silo,
-        cfg.min_silo_size,
-        cfg.seed if cfg.seed >= 0 else 0,
-    )
-
-
 def get_silo(cfg: TrainConfig, context: Context) -> Silo:
     pid = int(context.node_config["partition-id"])
     nparts = int(context.node_config["num-partitions"])
     data_dir = data_dir_for(cfg, context)
-    key = (_data_key(cfg), pid, nparts, data_dir)
+    key = (layout_key(cfg, nparts, data_dir), pid)  # the one key the silo's data depend on
     if key not in _SILOS:
         train, val = load_silo(cfg, pid, nparts, data_dir=data_dir)
         _SILOS[key] = Silo(pid, nparts, train, val)

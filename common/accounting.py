@@ -146,13 +146,26 @@ def _pld_epsilon(phases: Sequence[Phase], delta: float, grid: float) -> float:
     return float(total.get_epsilon_for_delta(delta))
 
 
+def accountant_used(phases: Sequence[Phase], accountant: str) -> str:
+    """The accountant whose epsilon :func:`compute_epsilon` reports for ``phases``: ``rdp``
+    where ``pld`` was asked for but a phase's noise is below :data:`PLD_MIN_NOISE` (the RDP
+    epsilon, an upper bound on PLD's, is used there); what a result must name.
+
+    >>> accountant_used([Phase(0.25, 0.01, 100)], "pld"), accountant_used([Phase(1.0, 0.01, 100)], "pld")
+    ('rdp', 'pld')
+    """
+    if accountant == "pld" and any(p.steps and p.noise_multiplier < PLD_MIN_NOISE for p in phases):
+        return "rdp"
+    return accountant
+
+
 @functools.lru_cache(maxsize=4096)
 def _epsilon_of_phases(phases: tuple[Phase, ...], delta: float, accountant: str, grid: float) -> float:
     if not (0 < delta < 1) or not math.isfinite(delta):
         raise ConfigError("delta", delta, "must be in (0, 1): delta = 1 promises nothing")
     if accountant not in ACCOUNTANTS:
         raise ConfigError("accountant", accountant, "allowed: " + ", ".join(ACCOUNTANTS))
-    if accountant == "pld" and any(p.steps and p.noise_multiplier < PLD_MIN_NOISE for p in phases):
+    if accountant_used(phases, accountant) != accountant:
         _warn_rdp_fallback()
         accountant = "rdp"  # an upper bound on the PLD epsilon (see PLD_MIN_NOISE)
     if accountant == "pld":
@@ -324,6 +337,7 @@ class PrivacyTracker:
         return {
             "delta": self.delta,
             "accountant": self.accountant,
+            "epsilon_accountant": accountant_used(self.phases, self.accountant),
             "target_epsilon": self.target_epsilon,
             "phases": [p.to_dict() for p in self.phases],
         }

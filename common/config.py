@@ -653,6 +653,12 @@ class FederatedConfig:
 # TrainConfig settings that only centralized training reads: a federated run refuses them
 # (its plan is num-server-rounds, importance-rounds, local-epochs / local-steps)
 CENTRALIZED_ONLY = ("epochs", "pretrain-fraction", "pretrain-noise-multiplier")
+# TrainConfig settings that only a federated run reads (how the data are split into silos and
+# what a silo says of its size): centralized training's command line does not offer them
+FEDERATED_ONLY = (
+    "partitioner", "alpha", "classes-per-silo", "min-silo-size", "silo-sizes", "declared-silo-size",
+    "silo-size-tolerance",
+)  # fmt: skip
 # The Flower app's settings in pyproject.toml ([tool.flwr.app.config]) that differ from the
 # dataclass defaults: what `flwr run .` starts from, where `adadpigu simulate`, `train` and the
 # sweeps start from the dataclass (tests/simulations/test_flower_config.py keeps the two equal).

@@ -295,9 +295,9 @@ class DPEngine:
             loss = per_example_loss(self.model(x), y).sum() / (b * max(k, 1))
             loss.backward()
             loss_sum += float(loss.detach()) * b
-            for k, p in enumerate(self.params):
+            for j, p in enumerate(self.params):
                 if p.grad is not None:
-                    grads[k] += p.grad.reshape(-1)
+                    grads[j] += p.grad.reshape(-1)
         self.optimizer.zero_grad(set_to_none=True)
         return release_nonprivate(torch.cat(grads)), loss_sum / max(b, 1)
 

@@ -154,7 +154,7 @@ def load_silo(
     data once, not once whole and once more in shards."""
     if not (0 <= partition_id < num_partitions):
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    data, spans = _silo_layout(_layout_key(cfg, num_partitions, data_dir or cfg.data_dir))
+    data, spans = _silo_layout(layout_key(cfg, num_partitions, data_dir or cfg.data_dir))
     start, n_train, n_val = spans[partition_id]
     if n_train + n_val < 2:
         raise DataError(f"silo {partition_id} has {n_train + n_val} examples; it needs at least 2")
@@ -165,7 +165,7 @@ def load_silo(
     )
 
 
-def _layout_key(cfg: TrainConfig, num_partitions: int, data_dir: str) -> tuple:
+def layout_key(cfg: TrainConfig, num_partitions: int, data_dir: str) -> tuple:
     """Everything the silos' data depend on (and nothing else, so a new learning rate does
     not rebuild it)."""
     part = cfg.replace(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 
@@ -32,6 +33,7 @@ def write_json_atomic(path: str, obj: object) -> None:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
+    """The rows as CSV; a value not measured (NaN, None) is an empty cell, the convention."""
     if not rows:
         return
     keys: list[str] = []
@@ -41,8 +43,21 @@ def write_csv(path: str, rows: list[dict]) -> None:
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: "" if _unmeasured(v) else v for k, v in r.items()} for r in rows)
     os.replace(tmp, path)
+
+
+def _unmeasured(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt(value, spec: str = ".4f") -> str:
+    """A metric for the console: ``-`` where it was not measured (NaN or None), never ``nan``.
+
+    >>> fmt(0.97123), fmt(float("nan")), fmt(None, ".3f")
+    ('0.9712', '-', '-')
+    """
+    return "-" if _unmeasured(value) else format(value, spec)
 
 
 def save_checkpoint(path: str, state: dict) -> None:

@@ -24,7 +24,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common.accounting import MAX_STEPS, Phase, PrivacyTracker, calibrate_noise, compute_epsilon
+from common.accounting import (
+    MAX_STEPS,
+    Phase,
+    PrivacyTracker,
+    accountant_used,
+    calibrate_noise,
+    compute_epsilon,
+)
 from common.config import TrainConfig
 from common.data import Splits, load_splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
@@ -32,7 +39,7 @@ from common.errors import BudgetError, ConfigError
 from common.feature_norm import NORM_RELEASES, release_channel_stats, standardize_layer
 from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule
 from common.models import ParameterEMA, build_model_for, flat_parameters, num_parameters
-from common.outputs import reproduce_command, run_dir_name, write_csv, write_json_atomic
+from common.outputs import fmt, reproduce_command, run_dir_name, write_csv, write_json_atomic
 from common.server_opt import lr_factor
 
 
@@ -255,6 +262,7 @@ def _central_summary(
         "epsilon": tracker.epsilon() if cfg.private else math.inf,  # never a finite epsilon
         "delta": cfg.delta,
         "accountant": cfg.accountant,
+        "epsilon_accountant": accountant_used(tracker.phases, cfg.accountant) if cfg.private else None,
         "noise_multiplier": plan.noise_multiplier,
         "pretrain_noise_multiplier": plan.pretrain_noise_multiplier,
         "sample_rate": plan.sample_rate,
@@ -348,7 +356,7 @@ def _evaluated(model, splits: Splits) -> dict:
 def _epoch_line(row: dict, epochs: int) -> str:
     return (
         f"[epoch {row['epoch']:3d}/{epochs}] {row['phase']:8s} loss {row['train_loss']:.4f} "
-        f"val acc {row['val_accuracy']:.4f} eps {row['epsilon']:.3f} active {row['active_ratio']:.2f} "
+        f"val acc {fmt(row['val_accuracy'])} eps {row['epsilon']:.3f} active {row['active_ratio']:.2f} "
         f"clipped {row['clipped_fraction']:.2f} ({row['seconds']:.1f}s)"
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from common.accounting import Phase, PrivacyTracker, budget_epsilon, compute_epsilon
+from common.accounting import Phase, PrivacyTracker, accountant_used, budget_epsilon, compute_epsilon
 from common.errors import BudgetError
 
 
@@ -28,6 +28,9 @@ class PrivacyLedger:
         self.target_epsilon = target_epsilon
         self.clients: dict[str, PrivacyTracker] = {}
         self.history: dict[str, list[dict]] = {}
+        # the entries this process recorded, by round: what :meth:`revoke` may withdraw (a
+        # charge read back from disk, an interrupted attempt's, is never withdrawn)
+        self._recorded: dict[int, list[dict]] = {}
 
     def _tracker(self, client: str) -> PrivacyTracker:
         if client not in self.clients:
@@ -72,16 +75,20 @@ class PrivacyLedger:
         the phases, is what must be on disk before a round is sent."""
         tracker = self._tracker(client)
         tracker.spend(phase)
-        self.history[client].append(
-            {"round": server_round, **phase.to_dict(), "epsilon": None, "total_steps": tracker.steps}
-        )
+        entry = {"round": server_round, **phase.to_dict(), "epsilon": None, "total_steps": tracker.steps}
+        self.history[client].append(entry)
+        self._recorded.setdefault(server_round, []).append(entry)
 
     def revoke(self, server_round: int) -> list[str]:
-        """Withdraw every charge of ``server_round``: only for a round whose outputs nobody
-        can ever read (secure aggregation refused to unmask it). The clients it named."""
+        """Withdraw the charges this attempt at ``server_round`` recorded: only for a round
+        whose outputs nobody can ever read (secure aggregation refused to unmask it). A charge
+        of the same round from an interrupted attempt (read back with :meth:`from_dict` on a
+        resume) stays: its clients may have trained and replied before the interruption.
+        The clients it named."""
+        withdrawn = {id(h) for h in self._recorded.pop(server_round, [])}
         names = []
         for c, entries in self.history.items():
-            kept = [h for h in entries if h["round"] != server_round]
+            kept = [h for h in entries if id(h) not in withdrawn]
             if len(kept) == len(entries):
                 continue
             names.append(c)
@@ -157,6 +164,8 @@ class PrivacyLedger:
             "clients": {
                 c: {
                     "epsilon": None if pending else self.epsilon(c),
+                    # the accountant that produced it (PLD falls back to RDP's bound at small noise)
+                    "epsilon_accountant": accountant_used(t.phases, self.accountant),
                     "phases": [p.to_dict() for p in t.phases],
                     "rounds": self.history[c],
                 }

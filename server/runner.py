@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from common.data import TensorData, load_dataset, take_subset, with_features
 from common.engine import evaluate
 from common.errors import BudgetError, ConfigError, UserError
 from common.models import build_model_for
-from common.outputs import federated_command, run_dir_name, save_checkpoint, write_csv, write_json_atomic
+from common.outputs import federated_command, fmt, run_dir_name, save_checkpoint, write_csv, write_json_atomic
 from server.ledger import PrivacyLedger
 from server.secagg import SecAggRefused
 from server.strategy import AdaDPIGUStrategy, RoundError
@@ -186,18 +187,39 @@ def set_up(
     t0 = time.time()
     fed.check_with(cfg)  # before a run folder exists
     ckpt, resumed_ledger = open_checkpoint(fed.resume, cfg, fed) if fed.resume else (None, None)
-    run_dir = _open_run_dir(cfg, fed, fed.resume or run_dir, fresh=ckpt is None, command=command)
-    # silos without a state-dir of their own (simulation) keep their state in
-    # <run folder>/client-state, whatever out-dir says (a resume from another out-dir too)
-    cfg = cfg.replace(out_dir=os.path.dirname(os.path.normpath(run_dir)) or ".")
-
-    torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
-    model = build_model_for(cfg)
+    # every file the server reads is read before its run folder exists: a corrupt one leaves nothing
     test = with_features(
         take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset),
         cfg.features,
         f"{cfg.dataset}-test",
     )
+    target = fed.resume or run_dir or fed_run_dir(cfg, fed)
+    made = not os.path.exists(target)
+    run_dir = _open_run_dir(cfg, fed, target, fresh=ckpt is None, command=command)
+    try:
+        return _set_up_in(grid, cfg, fed, run_dir, ckpt, resumed_ledger, test, log_fn, t0)
+    except UserError:
+        if made:  # refused before round 1 (nothing was spent): leave no half-made run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _set_up_in(
+    grid: Grid,
+    cfg: TrainConfig,
+    fed: FederatedConfig,
+    run_dir: str,
+    ckpt: dict | None,
+    resumed_ledger: PrivacyLedger | None,
+    test: TensorData,
+    log_fn: Callable[[str], None],
+    t0: float,
+) -> FederatedRun:
+    # silos without a state-dir of their own (simulation) keep their state in
+    # <run folder>/client-state, whatever out-dir says (a resume from another out-dir too)
+    cfg = cfg.replace(out_dir=os.path.dirname(os.path.normpath(run_dir)) or ".")
+    torch.manual_seed(cfg.seed if cfg.seeded else torch.seed())
+    model = build_model_for(cfg)
     ledger = (
         resumed_ledger
         if resumed_ledger is not None
@@ -256,9 +278,8 @@ def open_checkpoint(resume: str, cfg: TrainConfig, fed: FederatedConfig) -> tupl
 
 
 def _open_run_dir(
-    cfg: TrainConfig, fed: FederatedConfig, run_dir: str | None, *, fresh: bool, command: str | None
+    cfg: TrainConfig, fed: FederatedConfig, run_dir: str, *, fresh: bool, command: str | None
 ) -> str:
-    run_dir = run_dir or fed_run_dir(cfg, fed)
     os.makedirs(run_dir, exist_ok=True)
     if fresh:
         write_json_atomic(
@@ -297,6 +318,11 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
     strategy.calibrate()
     if ckpt is not None:
         strategy.load_state(ckpt["strategy"])
+        own_path = os.path.join(run.run_dir, OWN_SHARE_LEDGER)
+        if strategy.distributed and os.path.exists(own_path):
+            # written ahead like ledger.json: it may hold an interrupted round the checkpoint has not
+            with open(own_path) as fh:
+                strategy.own_ledger = PrivacyLedger.from_dict(json.load(fh))
         now = {s.name: s.noise_multiplier for s in strategy.silos.values()}
         if now != ckpt["strategy"]["noise"]:
             raise UserError(
@@ -362,6 +388,20 @@ def _restore_progress(run: FederatedRun, ckpt: dict) -> None:
 # ----- one round ------------------------------------------------------------------------
 
 
+OWN_SHARE_LEDGER = "ledger-own-share.json"
+
+
+def _write_ledgers_ahead(run: FederatedRun) -> None:
+    """The ledgers as charged so far (epsilons not yet derived), before clients train: what a
+    resume reads back, so an interrupted round stays charged. Distributed noise: the
+    own-share ledger too (from the checkpoint alone, a resume would forget that round)."""
+    write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict(pending=True))
+    if run.strategy.distributed:
+        write_json_atomic(
+            os.path.join(run.run_dir, OWN_SHARE_LEDGER), run.strategy.own_ledger.to_dict(pending=True)
+        )
+
+
 def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, str]:
     """Check the budget, charge, train, aggregate, evaluate, write; (new arrays, stop reason)."""
     strategy, fed = run.strategy, run.fed
@@ -375,7 +415,7 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
     strategy.record_spend(rnd)
     # write-ahead: the spend (its phases) is on disk before any client starts training; the
     # epsilons it implies, and the next round's budget check, are computed while they train
-    write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict(pending=True))
+    _write_ledgers_ahead(run)
     accounting = _Prefetch(run.ledger, strategy.planned_phases() if run.cfg.private else {})
     t_send = time.time()
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
@@ -385,9 +425,9 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
         new_arrays, agg = strategy.aggregate_train(rnd, replies)
     except SecAggRefused as exc:
         # nothing of this round was unmasked, so nothing was released: its charge is withdrawn
-        names = run.ledger.revoke(rnd)
+        names = run.ledger.revoke(rnd)  # this attempt's charge only (an interrupted one's stays)
         strategy.own_ledger.revoke(rnd)
-        write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict())
+        _write_ledgers_ahead(run)
         log(
             WARNING,
             "round %d was not aggregated: %s; its privacy charge to %d silo(s) is withdrawn (nothing was unmasked)",
@@ -415,8 +455,8 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
         run.best_state = copy.deepcopy(eval_model.state_dict())
     _write_round(run, rnd, eval_model)
     run.log_fn(
-        f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {row['test_accuracy']:.4f} "
-        f"val acc {row['val_accuracy']:.4f} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "
+        f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {fmt(row['test_accuracy'])} "
+        f"val acc {fmt(row['val_accuracy'])} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "
         f"up {row['bytes_up_per_client'] / 1e3:.1f} kB down {row['bytes_down_per_client'] / 1e3:.1f} kB "
         f"rejected {row['rejected_updates']} failed {row['failed_clients']} ({row['seconds']:.1f}s)"
         + (
@@ -585,7 +625,7 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
     write_json_atomic(os.path.join(run.run_dir, "rejections.json"), strategy.rejections)
     if strategy.distributed:  # what each silo's own share alone is worth (everyone else colluding)
         write_json_atomic(
-            os.path.join(run.run_dir, "ledger-own-share.json"),
+            os.path.join(run.run_dir, OWN_SHARE_LEDGER),
             strategy.own_ledger.to_dict(round_epsilons=False),
         )
     summary = {

@@ -13,15 +13,19 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from common.config import ACCOUNTANTS, TrainConfig
+from common.config import ACCOUNTANTS, CENTRALIZED_ONLY, FEDERATED_ONLY, TrainConfig
 from common.errors import UserError
 from simulations.flags import add_setting_flags
 
 EXIT_USER_ERROR = 2
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    add_setting_flags(parser, TrainConfig, "cfg")
+def _add_config_flags(parser: argparse.ArgumentParser, *, federated: bool = False) -> None:
+    """The training settings as flags: a federated command leaves out the centralized-only
+    ones, a centralized command the federated-only ones (each would be refused or ignored)."""
+    add_setting_flags(
+        parser, TrainConfig, "cfg", exclude=FEDERATED_ONLY if not federated else CENTRALIZED_ONLY
+    )
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -34,7 +38,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
-    from common.accounting import calibrate_noise, compute_epsilon
+    from common.accounting import Phase, accountant_used, calibrate_noise, compute_epsilon
 
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
         raise UserError("give exactly one of --noise-multiplier and --target-epsilon")
@@ -48,12 +52,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
     if args.steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {args.steps}")
-    out = {
-        "sample_rate": args.sample_rate,
-        "steps": args.steps,
-        "delta": args.delta,
-        "accountant": args.accountant,
-    }
+    out = {"sample_rate": args.sample_rate, "steps": args.steps, "delta": args.delta}
     if args.noise_multiplier is not None:
         if args.noise_multiplier <= 0:
             raise UserError(f"--noise-multiplier must be > 0, got {args.noise_multiplier}")
@@ -79,11 +78,15 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         )
         out.update(target_epsilon=args.target_epsilon, noise_multiplier=sigma, epsilon=eps)
         text = f"noise multiplier = {sigma:.4f} (epsilon = {eps:.4f})"
+    # the accountant that produced the number (PLD falls back to RDP's bound below PLD_MIN_NOISE)
+    used = accountant_used([Phase(out["noise_multiplier"], args.sample_rate, args.steps)], args.accountant)
+    out.update(accountant=used, accountant_requested=args.accountant)
     if args.json:
         print(json.dumps(out))
     else:
+        fallback = f", as an upper bound on {args.accountant}'s" if used != args.accountant else ""
         print(
-            f"{text} at delta = {args.delta:g} ({args.accountant}, q = {args.sample_rate:g}, {args.steps} steps)"
+            f"{text} at delta = {args.delta:g} ({used}{fallback}, q = {args.sample_rate:g}, {args.steps} steps)"
         )
     return 0
 
@@ -95,6 +98,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train_centralized(cfg, command="adadpigu " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def cmd_stop_superlink(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulations.processes import flwr_home, stop_local_superlink
+
+    home = Path(args.flwr_home) if args.flwr_home else flwr_home()
+    try:
+        stopped = stop_local_superlink(home)
+    except RuntimeError as exc:
+        raise UserError(f"the local SuperLink of {home}: {exc}") from None
+    if stopped:
+        print(f"stopped the local SuperLink of {home} (pids {', '.join(map(str, stopped))})")
+    else:
+        print(f"no local SuperLink of {home} is running")
     return 0
 
 
@@ -125,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "stop-superlink",
+        help="stop the local SuperLink (and its SuperExec) that `flwr run .` left running, and nothing else",
+    )
+    p.add_argument("--flwr-home", default=None, help="its Flower home (default: $FLWR_HOME, else ~/.flwr)")
+    p.set_defaults(func=cmd_stop_superlink)
 
     _register_extra(sub)
     return parser

@@ -236,7 +236,7 @@ def register(sub, add_config_flags, config_from_args) -> None:
         mod.register(sub, add_config_flags, config_from_args)
 
     p = sub.add_parser("simulate", help="federated simulation with Flower's Ray backend")
-    add_config_flags(p)
+    add_config_flags(p, federated=True)
     _add_fed_flags(p)
     p.add_argument("--num-supernodes", type=int, default=10, help="number of silos (clients)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per client (Ray resources)")

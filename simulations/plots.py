@@ -503,7 +503,7 @@ def register(sub, add_config_flags, config_from_args) -> None:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("plot-partition", help="PNG of the label distribution of a cross-silo split")
-    add_config_flags(p)
+    add_config_flags(p, federated=True)
     p.add_argument("--num-partitions", type=int, default=10, help="number of silos")
     p.add_argument("--out", default="label-distribution.png", help="PNG path")
     p.set_defaults(func=lambda a: cmd_plot_partition(a, config_from_args))

@@ -281,3 +281,43 @@ def stop_processes(roots: list[int], grace: float = GRACE_SECONDS) -> list[int]:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         _signal_and_wait(living(), sig, grace)
     return living()
+
+
+def flwr_home() -> Path:
+    """Flower's home folder as ``flwr`` resolves it: ``$FLWR_HOME``, else ``~/.flwr``."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
+
+
+def local_superlink_pids(home: Path | None = None) -> list[int]:
+    """PIDs of the ``flower-superlink`` that ``flwr run .`` started for the Flower home
+    ``home`` (default: :func:`flwr_home`): Flower 1.42 starts it detached with
+    ``--log-file <home>/local-superlink/superlink.log``, which names its home exactly, so a
+    SuperLink of another home, project or deployment is never matched."""
+    log_file = str((home or flwr_home()).resolve() / "local-superlink" / "superlink.log")
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+        except OSError:
+            continue
+        names = [os.path.basename(a) for a in argv[:2]]  # the script, or the interpreter + the script
+        if "flower-superlink" not in names:
+            continue
+        given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--log-file"]
+        if given and os.path.realpath(given[-1]) == log_file and process_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def stop_local_superlink(home: Path | None = None, grace: float = GRACE_SECONDS) -> list[int]:
+    """Stop the local SuperLink of ``home`` and its children (the ``flower-superexec`` it
+    runs apps in); the PIDs it stopped. Raises RuntimeError naming any that survived."""
+    roots = local_superlink_pids(home)
+    stopped = [p for r in roots for p in (r, *descendants_of(r))]
+    left = stop_processes(roots, grace=grace)
+    if left:
+        raise RuntimeError(f"processes {left} did not stop")
+    return stopped

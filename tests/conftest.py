@@ -29,3 +29,45 @@ def data_dir() -> str:
         f"MNIST not found under {path}: set ADADPIGU_DATA_DIR to torchvision's data folder"
     )
     return path
+
+
+# ----- the suite writes only under pytest's temporary folders, never into the checkout ----------
+
+_BUILD_LITTER = ("__pycache__", ".pyc", ".ruff_cache", ".pytest_cache", ".egg-info", ".venv")
+
+
+def checkout_files() -> set[str] | None:
+    """Untracked and ignored paths of the checkout (git's view), leaving out what importing
+    and linting write; None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "-uall", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    paths = {entry[3:] for entry in out.stdout.split("\0") if entry[:2] in ("??", "!!")}
+    return {p for p in paths if not any(part in p for part in _BUILD_LITTER)}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._checkout_before = checkout_files()  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = getattr(session.config, "_checkout_before", None)
+    after = checkout_files()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        shown = "\n  ".join(new[:20])
+        print(f"\nthe tests wrote {len(new)} file(s) into the checkout (tmp_path is the place):\n  {shown}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

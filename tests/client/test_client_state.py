@@ -61,3 +61,24 @@ def test_a_run_key_that_is_not_a_plain_folder_name_is_refused():
 
     with pytest.raises(ValueError, match="plain folder name"):
         client_state.state_dir(TrainConfig(), _ctx(), "../../etc")
+
+
+def test_one_process_serving_a_pixels_run_then_a_scatter_run_gets_each_its_own_features(data_dir):
+    """Issue 28.3: the client process's silo cache was keyed without ``features``, so a second
+    run with ScatterNet features was handed the first run's pixels."""
+    from client.task import get_silo
+    from common.config import TrainConfig
+
+    ctx = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={"data-dir": data_dir},
+    )
+    base = TrainConfig(dataset="mnist", train_subset=200, seed=0)
+    pixels = get_silo(base.replace(features="pixels", model="mnist-cnn"), ctx)
+    scatter = get_silo(base.replace(features="scatter", model="scatter-linear"), ctx)
+    assert tuple(pixels.train.x.shape[1:]) == (1, 28, 28)
+    assert tuple(scatter.train.x.shape[1:]) == (81, 7, 7)
+    assert len(pixels.train) == len(scatter.train)

@@ -68,3 +68,45 @@ def test_engine_with_augmult_clips_one_row_per_example():
     )
     res = eng.step(data, mode="flat", noise_multiplier=1.0)
     assert 0 < res.batch_size <= 64 and res.clipped <= res.batch_size  # rows = examples, not copies
+
+
+def _nonprivate_engine(max_physical_batch: int, augmult: int = 0) -> DPEngine:
+    torch.manual_seed(0)
+    cfg = TrainConfig(
+        method="nonprivate", batch_size=50, augmult=augmult, max_physical_batch=max_physical_batch
+    )
+    return DPEngine(
+        build_model("mnist-cnn", "mnist"),
+        cfg,
+        n_train=100,
+        device=torch.device("cpu"),
+        noise_generator=torch.Generator().manual_seed(1),
+        sampling_generator=torch.Generator().manual_seed(2),
+    )
+
+
+def test_nonprivate_gradient_over_several_chunks_equals_the_one_chunk_gradient():
+    """Issue 28.1: the chunk loop's augmentation count was reused as the parameter index, so
+    every chunk after the first was augmented len(params) - 1 times."""
+    data = TensorData(torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,)))
+    idx = torch.arange(0, 100, 2)  # 50 examples: 4 chunks of 16 (the last one 2) against 1
+    chunked, loss_chunked = _nonprivate_engine(16)._nonprivate_gradient(data, idx)
+    whole, loss_whole = _nonprivate_engine(1024)._nonprivate_gradient(data, idx)
+    # the naive reference: one backward pass of the batch's mean loss
+    model = _nonprivate_engine(1024).model
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = per_example_loss(model(data.x[idx]), data.y[idx]).mean()
+    ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    torch.testing.assert_close(chunked.values, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(whole.values, ref, rtol=1e-4, atol=1e-6)
+    assert abs(loss_chunked - float(loss)) < 1e-4 and abs(loss_whole - float(loss)) < 1e-4
+
+
+def test_nonprivate_chunks_see_exactly_augmult_copies_each():
+    """With augmult k every chunk, the later ones too, holds k copies of its examples."""
+    seen: list[int] = []
+    eng = _nonprivate_engine(32, augmult=4)  # 8 examples (32 images) per chunk
+    eng.model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    data = TensorData(torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,)))
+    eng._nonprivate_gradient(data, torch.arange(20))
+    assert seen == [32, 32, 16]

@@ -170,3 +170,49 @@ def test_more_survivors_than_registered_silos_is_refused_before_round_one(tmp_pa
     with pytest.raises(ConfigError, match="secagg-survivors.*exceeds the 3 silos"):
         run_federated(grid, cfg.replace(method="dpsgd"), fed, log_fn=lambda s: None)
     assert grid.train_rounds_sent == 0
+
+
+class CrashMidRoundThree(InProcessGrid):
+    """Dies while round 3's training messages are out (after the write-ahead ledgers)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(
+            m.metadata.message_type == MessageType.TRAIN and m.content[P.CONFIG].get(P.SERVER_ROUND) == 3
+            for m in messages
+        ):
+            raise RuntimeError("server process died mid-round")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_refused_rerun_after_a_resume_keeps_the_interrupted_attempts_charge(tmp_path, data_dir):
+    """Issue 28.2 through a crash and a resume: round 3 was sent (charged, write-ahead) when the
+    server died; its rerun after the resume is refused by secure aggregation (a silo drops);
+    the rerun's charge is withdrawn, the interrupted attempt's stays, on both ledgers."""
+
+    def drop_round_3(node_index, kind, rnd):
+        return "drop" if kind == MessageType.TRAIN and node_index == 1 and rnd == 3 else None
+
+    cfg, fed = configs(tmp_path, data_dir, method="dpsgd", rounds=4, reserve_rounds=1)
+    run = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="died"):
+        run_federated(CrashMidRoundThree(3), cfg, fed, log_fn=lambda s: None, run_dir=run)
+    written = {
+        n: json.load(open(os.path.join(run, n)))["clients"] for n in ("ledger.json", "ledger-own-share.json")
+    }
+    assert {n: [h["round"] for h in v["silo-0"]["rounds"]] for n, v in written.items()} == dict.fromkeys(
+        written, [1, 2, 3]
+    )
+    resumed = run_federated(
+        InProcessGrid(3, fail=drop_round_3), cfg, dataclasses.replace(fed, resume=run), log_fn=lambda s: None
+    )
+    assert resumed["stop_reason"].startswith("secure aggregation:") and resumed["rounds_completed"] == 2
+    for name in ("ledger.json", "ledger-own-share.json"):
+        ledger = json.load(open(os.path.join(run, name)))["clients"]
+        for silo in ("silo-0", "silo-1", "silo-2"):
+            assert [h["round"] for h in ledger[silo]["rounds"]] == [1, 2, 3], (name, silo)
+            assert sum(p["steps"] for p in ledger[silo]["phases"]) == 3
+    sigma = resumed["lattice"]["noise_multiplier"]
+    q = json.load(open(os.path.join(run, "ledger.json")))["clients"]["silo-0"]["rounds"][0]["sample_rate"]
+    direct = compute_epsilon(phases=[Phase(sigma, q, 3)], delta=cfg.delta, accountant=cfg.accountant)
+    assert resumed["max_epsilon"] == pytest.approx(direct, rel=1e-6)

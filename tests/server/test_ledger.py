@@ -114,3 +114,29 @@ def test_write_ahead_copy_holds_the_spend_and_epsilons_are_derived_later():
         ahead.prefetch({"silo-0": rounds[min(r, 2)]})
         assert all(h["epsilon"] is not None for h in ahead.history["silo-0"])
     assert ahead.to_dict() == full
+
+
+def test_revoking_a_refused_rerun_keeps_the_interrupted_attempts_charge():
+    """Issue 28.2: after a resume the write-ahead ledger already holds round 3 from the
+    interrupted attempt; the rerun charges round 3 again; if the rerun is refused (secure
+    aggregation), only the rerun's charge is withdrawn."""
+    ledger = PrivacyLedger(delta=1e-5, accountant="pld", target_epsilon=None)
+    for r in (1, 2, 3):
+        ledger.record("silo-0", r, Phase(1.0, 0.05, 1))
+    resumed = PrivacyLedger.from_dict(ledger.to_dict(pending=True))
+    resumed.record("silo-0", 3, Phase(1.0, 0.05, 1))  # the rerun
+    assert resumed.clients["silo-0"].steps == 4
+    assert resumed.revoke(3) == ["silo-0"]
+    assert resumed.clients["silo-0"].steps == 3
+    assert [h["round"] for h in resumed.history["silo-0"]] == [1, 2, 3]
+    assert resumed.epsilon("silo-0") == pytest.approx(ledger.epsilon("silo-0"), rel=1e-12)
+    assert resumed.revoke(3) == []  # nothing of this process is left to withdraw
+
+
+def test_revoke_withdraws_this_attempts_charge_only_for_the_round_named():
+    ledger = PrivacyLedger(delta=1e-5, accountant="rdp", target_epsilon=None)
+    for r in (1, 2):
+        ledger.record("silo-0", r, Phase(1.0, 0.05, 2))
+        ledger.record("silo-1", r, Phase(1.0, 0.05, 2))
+    assert sorted(ledger.revoke(2)) == ["silo-0", "silo-1"]
+    assert [h["round"] for h in ledger.history["silo-1"]] == [1] and ledger.clients["silo-1"].steps == 2

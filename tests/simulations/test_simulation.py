@@ -52,3 +52,7 @@ def test_ray_simulation_three_clients(tmp_path, data_dir):
     ledger = json.load(open(os.path.join(run, "ledger.json")))
     assert set(ledger["clients"]) == {"silo-0", "silo-1", "silo-2"}
     assert all(len(c["rounds"]) == 4 for c in ledger["clients"].values())
+    # issue 28.7: no validation is released (the default): "-" on the console, empty cells in the CSV
+    out = proc.stdout + proc.stderr
+    assert "[round   4]" in out and "val acc -" in out and "nan" not in out.lower()
+    assert all(r["val_accuracy"] == "" for r in rows) and all(r["test_accuracy"] != "" for r in rows)
