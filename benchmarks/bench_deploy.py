@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 silos, 2 rounds (CI)")
     p.add_argument("--out", default=None)
-    p.add_argument("--out-dir", default=None, help="where the run folder goes (default: a temporary folder, removed)")
+    p.add_argument(
+        "--out-dir", default=None, help="where the run folder goes (default: a temporary folder, removed)"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.silos, args.rounds, args.per_client = 2, 2, 200
