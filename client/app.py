@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import functools
 import json
+from logging import ERROR
 
 import torch  # noqa: F401  (must be imported before ArrayRecord torch conversions in Ray actors)
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from client import secagg, task
 from common import protocol as P
 from common.config import TrainConfig
+from common.errors import DataError
+from common.models import model_signature
 
 app = ClientApp()
 
@@ -44,20 +48,36 @@ def _parse_train_config(text: str) -> TrainConfig:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report the silo's sizes for weights and the DP plan: declared, public sizes checked
-    against the data (or the exact counts when the run opted out, ``silo-sizes``)."""
+    """Report the silo's sizes for weights and the DP plan (declared, public sizes checked
+    against the data, or the exact counts when the run opted out, ``silo-sizes``), the hash
+    of the schema its data were read with and the signature of the model it builds. Data that
+    do not fit the schema are refused here, on the silo's own log; the server hears only that."""
     cfg = _train_config(msg)
-    silo = task.get_silo(cfg, context)
-    n_train, n_val = task.released_sizes(cfg, silo, context)
+    pid = int(context.node_config["partition-id"])
+    try:
+        silo = task.get_silo(cfg, context)
+        n_train, n_val, n_test = task.released_sizes(cfg, silo, context)
+    except DataError as exc:
+        if exc.public:
+            raise
+        log(ERROR, "silo %d: its data cannot be used: %s", pid, exc)  # this silo's own log only
+        return Message(
+            RecordDict({P.METRICS: MetricRecord({P.PARTITION_ID: pid, P.DATA_ERROR: 1})}), reply_to=msg
+        )
+    engine = task.get_engine(cfg, silo)
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: n_train,
             P.NUM_VAL_EXAMPLES: n_val,
+            P.NUM_TEST_EXAMPLES: n_test,
             P.PARTITION_ID: silo.partition_id,
             P.NUM_PARTITIONS: silo.num_partitions,
         }
     )
-    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+    ids = ConfigRecord(
+        {P.SCHEMA_DIGEST: silo.schema.digest(), P.MODEL_SIGNATURE: model_signature(engine.model)}
+    )
+    return Message(RecordDict({P.METRICS: metrics, P.CONFIG: ids}), reply_to=msg)
 
 
 @app.train()

@@ -16,8 +16,8 @@ from common.accounting import Phase, PrivacyTracker
 from common.config import DEFAULT_DATA_DIR_ENV, TrainConfig
 from common.data import TensorData
 from common.distributed import LatticePlan, SecureRandom, noisy_share, rounding_bound_sq
-from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
-from common.errors import BudgetError
+from common.engine import DPEngine, evaluate, make_generator, per_example_loss, resolve_device, step_mode
+from common.errors import BudgetError, DataError
 from common.federated import (
     check_declared_size,
     declared_sizes,
@@ -28,6 +28,7 @@ from common.federated import (
 )
 from common.masks import unpack_mask
 from common.models import build_model_for
+from common.schema import Schema, schema_of
 
 
 @dataclass
@@ -36,6 +37,9 @@ class Silo:
     num_partitions: int
     train: TensorData
     validation: TensorData
+    test: TensorData
+    schema: Schema  # the schema its data were read with (its own copy, or the run's)
+    declared: int  # its folder's declared size (silo.toml; 0: none)
 
 
 _SILOS: dict[tuple, Silo] = {}
@@ -61,21 +65,22 @@ def get_silo(cfg: TrainConfig, context: Context) -> Silo:
     data_dir = data_dir_for(cfg, context)
     key = (layout_key(cfg, nparts, data_dir), pid)  # the one key the silo's data depend on
     if key not in _SILOS:
-        train, val = load_silo(cfg, pid, nparts, data_dir=data_dir)
-        _SILOS[key] = Silo(pid, nparts, train, val)
+        s = load_silo(cfg, pid, nparts, data_dir=data_dir)
+        schema = s.schema or schema_of(cfg.dataset, cfg.schema)
+        _SILOS[key] = Silo(pid, nparts, s.train, s.validation, s.test, schema, s.declared)
     return _SILOS[key]
 
 
-def released_sizes(cfg: TrainConfig, silo: Silo, context: Context) -> tuple[int, int]:
-    """(training, validation) sizes this silo tells the server (weights, q, validation
+def released_sizes(cfg: TrainConfig, silo: Silo, context: Context) -> tuple[int, int, int]:
+    """(training, validation, test) sizes this silo tells the server (weights, q, evaluation
     denominators): its declared, public sizes after checking them against the data, or the
     exact counts when the run opted out (``silo-sizes = "exact"``)."""
     if cfg.silo_sizes == "exact":
-        return len(silo.train), len(silo.validation)
-    node_declared = int(context.node_config.get("declared-size", 0) or 0)
-    n_train, n_val = declared_sizes(cfg, silo.num_partitions, node_declared)
-    check_declared_size(cfg, len(silo.train) + len(silo.validation), n_train + n_val)
-    return n_train, n_val
+        return len(silo.train), len(silo.validation), len(silo.test)
+    node_declared = int(context.node_config.get("declared-size", 0) or 0) or silo.declared
+    sizes = declared_sizes(cfg, silo.num_partitions, node_declared)
+    check_declared_size(cfg, len(silo.train) + len(silo.validation) + len(silo.test), sum(sizes))
+    return sizes
 
 
 def _device() -> torch.device:
@@ -93,7 +98,7 @@ def get_engine(cfg: TrainConfig, silo: Silo) -> DPEngine:
     eng = _ENGINES.get(key)
     if eng is None:
         device = _device()
-        model = build_model_for(cfg)
+        model = build_model_for(cfg, silo.schema)
         eng = DPEngine(
             model,
             cfg.replace(sample_rate=cfg.resolved_sample_rate(len(silo.train))),
@@ -346,44 +351,99 @@ def distributed_share(
 def evaluate_round(
     cfg: TrainConfig, arrays: ArrayRecord, context: Context, round_cfg: ConfigRecord | None = None
 ) -> MetricRecord:
-    """Validation metrics for model selection, released as the run says (docs/PRIVACY.md):
-    ``noisy``: the count of correct predictions plus Gaussian noise of std
-    ``validation-noise`` (sensitivity 1: one example changes the count by at most one),
-    charged to this client's own account first and refused past its target; ``exact``: the
-    un-noised accuracy and loss (the opt-out, outside the guarantee)."""
-    release = None if round_cfg is None else round_cfg.get(P.VALIDATION_RELEASE)
-    if release not in ("noisy", "exact"):  # never fall back to exact metrics silently
-        raise ValueError(f"evaluate message: validation-release must be 'noisy' or 'exact', got {release!r}")
+    """Metrics of the global model on this silo's validation split (model selection,
+    ``validation-release``) or its local test split (``federated-test``), released as the run
+    says (docs/PRIVACY.md): ``noisy`` is charged to this silo's own account first (refused past
+    its target) and released with Gaussian noise; ``exact`` (the opt-out) without."""
+    purpose = "validation" if round_cfg is None else str(round_cfg.get(P.EVAL_PURPOSE, "validation"))
+    key = P.TEST_RELEASE if purpose == "test" else P.VALIDATION_RELEASE
+    release = None if round_cfg is None else round_cfg.get(key)
+    if purpose not in ("validation", "test") or release not in ("noisy", "exact"):  # never exact silently
+        raise ValueError(f"evaluate message: {purpose} release must be 'noisy' or 'exact', got {release!r}")
     silo = get_silo(cfg, context)
     engine = get_engine(cfg, silo)
-    n = released_sizes(cfg, silo, context)[1]
+    _, n_val, n_test = released_sizes(cfg, silo, context)
+    data, n = (silo.test, n_test) if purpose == "test" else (silo.validation, n_val)
+    if purpose == "test" and len(silo.test) == 0:
+        raise DataError(
+            "federated-test: this silo has no local test split (set test-fraction > 0, or give its data a "
+            "test/ sub-folder)",
+            public=True,
+        )
     if release == "noisy" and cfg.private:
-        sigma = float(round_cfg[P.VALIDATION_NOISE])
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise BudgetError(f"server asked for validation noise {sigma}")
-        server_round = int(round_cfg.get(P.SERVER_ROUND, 0))
-        durable = client_state.state_dir(cfg, context, str(round_cfg.get(P.RUN_KEY, "")))
-        client_state.restore(context, durable, silo.partition_id, server_round)
-        tracker = _client_tracker(cfg, context)
-        phase = Phase(sigma, 1.0, 1)
-        tracker.check(phase)  # before touching the validation data
-        _load_global(engine, arrays)
-        _, acc = evaluate(engine.model, silo.validation)
-        # the count over the silo's real validation examples (sensitivity 1); scaling the
-        # accuracy by the declared size instead would change by up to n_declared / n_real
-        correct = float(round(float(np.nan_to_num(acc)) * len(silo.validation)))
-        gen = make_generator(cfg.seed, "client", silo.partition_id, server_round, "validation")
-        noisy = correct + sigma * float(torch.randn((), generator=gen, dtype=torch.float64))
-        tracker.spend(phase)
-        _save_tracker(tracker, context)
-        client_state.save(context, durable, silo.partition_id, server_round)
-        return MetricRecord({P.NUM_EXAMPLES: max(n, 1), P.VAL_CORRECT_NOISY: noisy})
+        return _noisy_evaluation(cfg, round_cfg, arrays, context, silo, engine, purpose, data, n)
     _load_global(engine, arrays)
-    loss, acc = evaluate(engine.model, silo.validation)
+    loss, acc = evaluate(engine.model, data)
+    accuracy, loss_key = (P.TEST_ACCURACY, P.TEST_LOSS) if purpose == "test" else (P.VAL_ACCURACY, P.VAL_LOSS)
     return MetricRecord(
-        {
-            P.NUM_EXAMPLES: max(n, 1),
-            P.VAL_ACCURACY: float(np.nan_to_num(acc)),
-            P.VAL_LOSS: float(np.nan_to_num(loss)),
-        }
+        {P.NUM_EXAMPLES: max(n, 1), accuracy: float(np.nan_to_num(acc)), loss_key: float(np.nan_to_num(loss))}
     )
+
+
+def _noisy_evaluation(
+    cfg: TrainConfig,
+    round_cfg: ConfigRecord,
+    arrays: ArrayRecord,
+    context: Context,
+    silo: Silo,
+    engine: DPEngine,
+    purpose: str,
+    data: TensorData,
+    n: int,
+) -> MetricRecord:
+    """The noisy release: validation, the correct count + N(0, validation-noise^2)
+    (sensitivity 1); test, the correct count and the sum of losses clipped to [0, bound] over
+    the bound, each + N(0, test-noise^2) (sensitivity sqrt(2): noise multiplier
+    test-noise / sqrt(2)). Both are counts over the silo's real examples: scaling an accuracy
+    by the declared size instead would change by up to n_declared / n_real."""
+    if purpose == "test":
+        sigma = float(round_cfg[P.TEST_NOISE])
+        bound = float(round_cfg[P.TEST_LOSS_BOUND])
+        if not (math.isfinite(bound) and bound > 0):
+            raise BudgetError(f"server asked for test-loss-bound {bound}")
+        phase = Phase(sigma / math.sqrt(2.0), 1.0, 1)
+    else:
+        sigma, bound = float(round_cfg[P.VALIDATION_NOISE]), 0.0
+        phase = Phase(sigma, 1.0, 1)
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise BudgetError(f"server asked for {purpose} noise {sigma}")
+    server_round = int(round_cfg.get(P.SERVER_ROUND, 0))
+    durable = client_state.state_dir(cfg, context, str(round_cfg.get(P.RUN_KEY, "")))
+    client_state.restore(context, durable, silo.partition_id, server_round)
+    tracker = _client_tracker(cfg, context)
+    tracker.check(phase)  # before touching the data
+    _load_global(engine, arrays)
+    correct, loss_sum = _counts(engine.model, data, bound)
+    gen = make_generator(cfg.seed, "client", silo.partition_id, server_round, purpose)
+    noise = sigma * torch.randn(2, generator=gen, dtype=torch.float64)
+    tracker.spend(phase)
+    _save_tracker(tracker, context)
+    client_state.save(context, durable, silo.partition_id, server_round)
+    if purpose == "test":
+        return MetricRecord(
+            {
+                P.NUM_EXAMPLES: max(n, 1),
+                P.TEST_CORRECT_NOISY: correct + float(noise[0]),
+                P.TEST_LOSS_NOISY: loss_sum / bound + float(noise[1]),
+            }
+        )
+    return MetricRecord({P.NUM_EXAMPLES: max(n, 1), P.VAL_CORRECT_NOISY: correct + float(noise[0])})
+
+
+def _counts(
+    model: torch.nn.Module, data: TensorData, bound: float, batch_size: int = 2048
+) -> tuple[float, float]:
+    """(correct predictions, sum of per-example losses clipped to [0, bound]) on ``data``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss_sum = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            x, y = data.x[i : i + batch_size].to(device), data.y[i : i + batch_size].to(device)
+            out = model(x)
+            correct += float((out.argmax(1) == y).sum())
+            if bound > 0:
+                loss_sum += float(per_example_loss(out, y).clamp(0.0, bound).sum())
+    model.train(was_training)
+    return correct, loss_sum

@@ -18,10 +18,26 @@ PAD = {"mnist": 2, "fashionmnist": 2, "cifar10": 4}
 FLIP = {"mnist": False, "fashionmnist": True, "cifar10": True}
 
 
-def augment(x: torch.Tensor, k: int, dataset: str, generator: torch.Generator) -> torch.Tensor:
-    """``[b, C, H, W]`` -> ``[b * k, C, H, W]``; rows ``i*k .. i*k+k-1`` are copies of example i."""
+def augmentation_of(schema) -> tuple[int, bool]:
+    """(shift in pixels, horizontal flips) for a dataset's schema: the built-in datasets' own;
+    for user images a shift of an eighth of the smaller side and flips as the schema declares
+    (``[image] flip``: whether a mirrored image keeps its class is public knowledge of the data)."""
+    from common.errors import ConfigError
+
+    if schema.name in PAD and schema.source == "":
+        return PAD[schema.name], FLIP[schema.name]
+    if schema.kind != "image":
+        raise ConfigError("augmult", "> 0", f"augments images; '{schema.name}' is a {schema.kind} (set 0)")
+    return max(1, min(schema.size) // 8), schema.flip
+
+
+def augment(
+    x: torch.Tensor, k: int, dataset: str | tuple[int, bool], generator: torch.Generator
+) -> torch.Tensor:
+    """``[b, C, H, W]`` -> ``[b * k, C, H, W]``; rows ``i*k .. i*k+k-1`` are copies of example i.
+    ``dataset``: a built-in dataset's name or (shift, flip) (:func:`augmentation_of`)."""
     b, c, h, w = x.shape
-    pad = PAD[dataset]
+    pad, flip = (PAD[dataset], FLIP[dataset]) if isinstance(dataset, str) else dataset
     reps = x.repeat_interleave(k, dim=0)
     padded = F.pad(reps, (pad, pad, pad, pad))
     n = b * k
@@ -32,9 +48,9 @@ def augment(x: torch.Tensor, k: int, dataset: str, generator: torch.Generator) -
     idx_n = torch.arange(n, device=x.device)[:, None, None, None]
     idx_c = torch.arange(c, device=x.device)[None, :, None, None]
     out = padded[idx_n, idx_c, rows, cols]
-    if FLIP[dataset]:
-        flip = torch.rand(n, generator=generator, device=x.device) < 0.5
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if flip:
+        mirrored = torch.rand(n, generator=generator, device=x.device) < 0.5
+        out = torch.where(mirrored[:, None, None, None], out.flip(-1), out)
     return out
 
 

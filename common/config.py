@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -24,7 +25,10 @@ from common.feature_norm import SCATTER_NORMS
 from common.scatter import FEATURES, SCATTER_CHANNELS
 
 METHODS = ("nonprivate", "dpsgd", "adaclip", "adadpigu-static", "adadpigu")
-DATASETS = ("mnist", "fashionmnist", "cifar10")
+BUILTIN_DATASETS = ("mnist", "fashionmnist", "cifar10")
+# "custom": the user's own data, described by a public schema (schema = "path/to/schema.toml",
+# common/schema.py), one folder per silo (common/silos.py)
+DATASETS = (*BUILTIN_DATASETS, "custom")
 MODELS = (
     "auto",
     "mnist-cnn",
@@ -34,7 +38,11 @@ MODELS = (
     "resnet18-gn",
     "scatter-cnn",
     "scatter-linear",
+    "logreg",
+    "mlp",
 )
+# a user's model: "package.module:factory", called with (input shape, number of classes)
+USER_MODEL = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 # the models that take ScatterNet features (features = "scatter"), not pixels
 SCATTER_MODELS = ("scatter-cnn", "scatter-linear")
 ACTIVATIONS = ("tanh", "relu")
@@ -45,7 +53,10 @@ SCALE_RULES = ("optimal", "sqrt")
 MASK_SCOPES = ("global", "per-layer")
 DEVICES = ("auto", "cpu", "cuda")
 PER_SAMPLE_BACKENDS = ("auto", "native", "hooks", "functorch")
-PARTITIONERS = ("iid", "dirichlet", "pathological", "size-skew")
+# how a data holder's records become silos: a split of a built-in dataset, "none" (each silo
+# trains on all of its local records: its own folder), or "auto" (built-in: iid; custom: none)
+SPLITTING_PARTITIONERS = ("iid", "dirichlet", "pathological", "size-skew")
+PARTITIONERS = ("auto", "none", *SPLITTING_PARTITIONERS)
 CLIENT_OPTIMIZER_STATES = ("keep", "reset")
 # what leaves a silo for model selection (docs/PRIVACY.md): nothing (the last round's model is
 # released), its correct-prediction count with accounted Gaussian noise, or exact metrics
@@ -53,6 +64,12 @@ CLIENT_OPTIMIZER_STATES = ("keep", "reset")
 VALIDATION_RELEASES = ("none", "noisy", "exact")
 DP_NOISE = ("local", "distributed")
 SILO_SIZES = ("declared", "exact")
+# the server's test set: "auto" (a built-in dataset's test split; user data: none), "none", or a
+# dataset path read with the run's schema
+SERVER_TEST_AUTO = ("auto", "none")
+# federated evaluation on the silos' local test splits: "auto" (noisy when the server has no
+# test set, else none), "none", "noisy" (counts + Gaussian noise, accounted), "exact" (opt-out)
+FEDERATED_TESTS = ("auto", "none", "noisy", "exact")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")  # common.server_opt
 LR_SCHEDULES = ("constant", "cosine", "linear")  # common.server_opt.lr_factor
 
@@ -190,11 +207,19 @@ class TrainConfig:
     scale_rule: str = "optimal"
     # data
     data_dir: str = field(default_factory=default_data_dir)
+    # dataset = "custom": the public schema (a TOML file; relative paths are looked up in the
+    # working folder, then in the app's folder, which Flower ships to every silo)
+    schema: str = ""
     validation_fraction: float = 0.1
+    # share of each data holder's records held out as its local test split (a test/ sub-folder
+    # of its data takes precedence); federated evaluation measures the model there
+    test_fraction: float = 0.0
     train_subset: int = 0
     test_subset: int = 0
+    # model = "mlp": hidden layer widths, comma-separated ("" = none: logistic regression)
+    mlp_hidden: str = "64"
     # federated data split (used by the Flower apps)
-    partitioner: str = "iid"
+    partitioner: str = "auto"
     alpha: float = 0.5
     classes_per_silo: int = 2
     min_silo_size: int = 10
@@ -215,6 +240,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("dataset", self.dataset, DATASETS)
+        self._check_data()
         self._check_model_and_features()
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("accountant", self.accountant, ACCOUNTANTS)
@@ -270,6 +296,13 @@ class TrainConfig:
         if self.h2 <= self.h1:
             raise ConfigError("h2", self.h2, f"must be > h1 ({self.h1:g})")
         check_number("validation-fraction", self.validation_fraction, lo=0.0, hi=0.9)
+        check_number("test-fraction", self.test_fraction, lo=0.0, hi=0.9)
+        if self.validation_fraction + self.test_fraction > 0.95:
+            raise ConfigError(
+                "test-fraction",
+                self.test_fraction,
+                "with validation-fraction it leaves (almost) nothing to train on",
+            )
         check_number("train-subset", self.train_subset, lo=0, integer=True)
         check_number("test-subset", self.test_subset, lo=0, integer=True)
         check_number("alpha", self.alpha, lo=0.0, lo_open=True)
@@ -309,18 +342,70 @@ class TrainConfig:
     def seeded(self) -> bool:
         return self.seed >= 0
 
-    def resolved_model(self) -> str:
+    @property
+    def custom(self) -> bool:
+        return self.dataset == "custom"
+
+    @property
+    def user_model(self) -> bool:
+        """``model`` names a factory of the user's ("package.module:factory")."""
+        return ":" in self.model
+
+    def resolved_partitioner(self) -> str:
+        if self.partitioner != "auto":
+            return self.partitioner
+        return "none" if self.custom else "iid"
+
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.mlp_hidden.split(",") if v.strip())
+
+    def resolved_model(self, kind: str | None = None, input_shape: tuple[int, ...] | None = None) -> str:
+        """The model ``auto`` stands for: on built-in data the paper's CNN (ScatterNet CNN on
+        features); on user data (its schema's ``kind`` and ``input_shape``) an MLP for tables,
+        the paper's CNNs for 1x28x28 / 3x32x32 images, the GroupNorm ResNet-18 otherwise."""
         if self.model != "auto":
             return self.model
         if self.features == "scatter":
             return "scatter-cnn"
+        if self.custom:
+            if kind == "table":
+                return "mlp"
+            if input_shape == (1, 28, 28):
+                return "mnist-cnn"
+            return "cifar-cnn" if input_shape == (3, 32, 32) else "resnet18-gn"
         return "cifar-cnn" if self.dataset == "cifar10" else "mnist-cnn"
 
+    def _check_data(self) -> None:
+        if not isinstance(self.schema, str):
+            raise ConfigError("schema", self.schema, "must be a path")
+        if self.custom and not self.schema:
+            raise ConfigError(
+                "schema", self.schema, "dataset = 'custom' needs the public schema of the data (a TOML file)"
+            )
+        if not self.custom and self.schema:
+            raise ConfigError(
+                "schema", self.schema, f"describes user data: set dataset = 'custom' (not '{self.dataset}')"
+            )
+        if self.custom and self.partitioner in SPLITTING_PARTITIONERS:
+            raise ConfigError(
+                "partitioner",
+                self.partitioner,
+                "splits a built-in dataset; user data come in one folder per silo (adadpigu split "
+                "writes them from one dataset): use auto or none",
+            )
+        if not isinstance(self.mlp_hidden, str) or not all(
+            v.strip().isdigit() and 1 <= int(v) <= 100_000 for v in self.mlp_hidden.split(",") if v.strip()
+        ):
+            raise ConfigError(
+                "mlp-hidden", self.mlp_hidden, 'must be comma-separated widths, e.g. "64,32" ("" = none)'
+            )
+
     def _check_model_and_features(self) -> None:
-        _choice("model", self.model, MODELS)
+        if not (isinstance(self.model, str) and USER_MODEL.match(self.model)):
+            _choice("model", self.model, MODELS)
         _choice("features", self.features, FEATURES)
         scatter_model = self.model in SCATTER_MODELS
-        if self.features == "scatter" and self.model not in ("auto", *SCATTER_MODELS):
+        if self.features == "scatter" and self.model not in ("auto", *SCATTER_MODELS) and not self.user_model:
             raise ConfigError(
                 "model",
                 self.model,
@@ -508,6 +593,16 @@ class FederatedConfig:
     dp_noise: str = "local"
     secagg_survivors: int = 0  # t: silos whose shares the claim assumes (0 = every silo)
     secagg_key_rounds: int = 10  # rounds served by one secure-aggregation key set-up
+    # the server's own test set: "auto" (a built-in dataset's test split; user data: none),
+    # "none", or the path of a dataset read with the run's schema (the coordinator's own data)
+    server_test_data: str = "auto"
+    # federated evaluation on each silo's local test split, every test-every rounds and at the
+    # last: "auto" (noisy when the server has no test set, else none) | "none" | "noisy" (the
+    # correct count and the bounded loss sum, each + Gaussian of std test-noise; accounted)
+    # | "exact" (opt-out, outside the DP guarantee, flagged)
+    federated_test: str = "auto"
+    test_noise: float = 10.0
+    test_loss_bound: float = 5.0  # each example's loss is clipped to [0, bound] before the sum
 
     def __post_init__(self) -> None:
         check_number("num-server-rounds", self.num_server_rounds, lo=1, integer=True)
@@ -554,9 +649,45 @@ class FederatedConfig:
         _choice("dp-noise", self.dp_noise, DP_NOISE)
         check_number("secagg-survivors", self.secagg_survivors, lo=0, hi=10**4, integer=True)
         check_number("secagg-key-rounds", self.secagg_key_rounds, lo=1, hi=1000, integer=True)
+        if not isinstance(self.server_test_data, str) or not self.server_test_data:
+            raise ConfigError("server-test-data", self.server_test_data, "auto, none, or a dataset path")
+        _choice("federated-test", self.federated_test, FEDERATED_TESTS)
+        check_number("test-noise", self.test_noise, lo=0.0, lo_open=True, hi=1e9)
+        check_number("test-loss-bound", self.test_loss_bound, lo=0.0, lo_open=True, hi=1e6)
+
+    def server_test(self, cfg: TrainConfig) -> str | None:
+        """What the server evaluates on: "builtin" (the built-in test split), a dataset path,
+        or None (no test set of its own)."""
+        if self.server_test_data == "auto":
+            return None if cfg.custom else "builtin"
+        return None if self.server_test_data == "none" else self.server_test_data
+
+    def resolved_federated_test(self, cfg: TrainConfig) -> str:
+        """none | noisy | exact: "auto" is noisy (exact for a non-private run, which promises
+        nothing) when the server has no test set, else none."""
+        if self.federated_test != "auto":
+            return self.federated_test
+        if self.server_test(cfg) is not None:
+            return "none"
+        return "noisy" if cfg.private else "exact"
+
+    def test_rounds(self, cfg: TrainConfig, rounds: int | None = None) -> list[int]:
+        """The rounds that ask the silos for test metrics (none without federated evaluation)."""
+        if self.resolved_federated_test(cfg) == "none" or self.fraction_evaluate <= 0:
+            return []
+        last = self.num_server_rounds if rounds is None else rounds
+        k = self.test_interval
+        return [r for r in range(1, last + 1) if r % k == 0 or r == self.num_server_rounds or r == last]
 
     def check_with(self, cfg: TrainConfig) -> None:
         """Settings valid alone but not together with ``cfg``: refused by name."""
+        if self.resolved_federated_test(cfg) != "none" and cfg.test_fraction == 0 and not cfg.custom:
+            raise ConfigError(
+                "federated-test",
+                self.federated_test,
+                "needs each silo's local test split: set test-fraction > 0 (built-in data have no "
+                "test/ sub-folders)",
+            )
         if self.validation_release != "none" and self.fraction_evaluate > 0 and cfg.validation_fraction == 0:
             raise ConfigError(
                 "validation-release",
@@ -711,8 +842,11 @@ def split_run_config(values: Mapping[str, Any]) -> tuple[TrainConfig, FederatedC
 # test, so that a new setting cannot arrive without its meaning.
 HELP: dict[str, str] = {
     "method": "nonprivate | dpsgd | adaclip | adadpigu-static | adadpigu (DESIGN.md §2)",
-    "dataset": "mnist | fashionmnist | cifar10",
-    "model": "auto | mnist-cnn | mnist-cnn-gn | cifar-cnn | cifar-cnn-gn | resnet18-gn (-gn: GroupNorm) | scatter-cnn | scatter-linear (on features = scatter)",
+    "dataset": "mnist | fashionmnist | cifar10 | custom (your own data, described by schema)",
+    "schema": "dataset = custom: the public schema of the data (TOML; docs/DATA.md)",
+    "test-fraction": "share of each data holder's records kept as its local test split (a test/ sub-folder wins)",
+    "mlp-hidden": 'model = mlp: hidden widths, comma-separated ("" = logistic regression)',
+    "model": "auto | mnist-cnn | mnist-cnn-gn | cifar-cnn | cifar-cnn-gn | resnet18-gn (-gn: GroupNorm) | scatter-cnn | scatter-linear (on features = scatter) | logreg | mlp | package.module:factory (yours: factory(input_shape, num_classes) -> nn.Module)",
     "features": "pixels | scatter: ScatterNet features (J = 2, L = 8; Tramer & Boneh 2021), a fixed transform, no privacy cost",
     "scatter-groups": "groups of the parameter-free GroupNorm on the scattering features (divides 81)",
     "scatter-norm": "group (per-example GroupNorm, free) | data (per-channel mean and scale of the training set released under DP, charged; centralized only)",
@@ -750,7 +884,7 @@ HELP: dict[str, str] = {
     "validation-fraction": "share of each data holder's training data held out for model selection (0: train on all of it; the result is the last model)",
     "train-subset": "use only this many training examples (0 = all)",
     "test-subset": "use only this many test examples (0 = all)",
-    "partitioner": "federated split: iid | dirichlet | pathological | size-skew",
+    "partitioner": "federated split: auto (built-in: iid; custom: none) | none (each silo trains on all its own records) | iid | dirichlet | pathological | size-skew",
     "alpha": "Dirichlet concentration (smaller = more label skew)",
     "classes-per-silo": "pathological split: classes per silo",
     "min-silo-size": "dirichlet / size-skew: smallest silo",
@@ -771,6 +905,10 @@ HELP: dict[str, str] = {
     "fraction-evaluate": "share of clients asked for validation accuracy",
     "validation-release": "none (release the last model; nothing else leaves a silo) | noisy (Gaussian on correct counts, accounted) | exact (opt-out: outside the DP guarantee)",
     "validation-noise": "noisy validation: std of the Gaussian on each silo's correct-prediction count (sensitivity 1)",
+    "server-test-data": "the server's test set: auto (built-in test split; custom: none) | none | a dataset path",
+    "federated-test": "evaluation on the silos' test splits: auto (noisy if the server has no test set) | none | noisy (accounted) | exact (opt-out)",
+    "test-noise": "noisy federated test: std of the Gaussian on each silo's correct count and on its loss sum / test-loss-bound",
+    "test-loss-bound": "federated test: each example's loss is clipped to [0, bound] before it is summed",
     "min-available-nodes": "clients to wait for before starting",
     "min-train-nodes": "fewest valid updates for a round to count",
     "round-timeout": "seconds to wait for a round's replies",

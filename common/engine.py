@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.adaclip import AdaClipStatistics
-from common.augment import augment, mean_over_copies
+from common.augment import augment, augmentation_of, mean_over_copies
 from common.config import TrainConfig
 from common.data import TensorData
 from common.masks import ImportanceAccumulator
 from common.per_sample import make_grad_sampler
 from common.privacy import LatticeAccumulator, ReleasedGradient, SegmentAccumulator, release_nonprivate
+from common.schema import schema_of
 
 MODES = ("nonprivate", "flat", "adaptive")
 
@@ -158,6 +159,7 @@ class DPEngine:
         )
         self.mask: torch.Tensor | None = None
         self.optimizer = self._make_optimizer()
+        self.augmentation = augmentation_of(schema_of(cfg.dataset, cfg.schema)) if cfg.augmult else None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "adam":
@@ -290,7 +292,7 @@ class DPEngine:
             chunk = idx[start : start + per_chunk]
             x, y = data.x[chunk].to(self.device), data.y[chunk].to(self.device)
             if k:  # the same augmented objective as the private modes
-                x, y = augment(x, k, self.cfg.dataset, self.sampling_generator), y.repeat_interleave(k)
+                x, y = augment(x, k, self.augmentation, self.sampling_generator), y.repeat_interleave(k)
             self.optimizer.zero_grad(set_to_none=True)
             loss = per_example_loss(self.model(x), y).sum() / (b * max(k, 1))
             loss.backward()
@@ -338,7 +340,7 @@ class DPEngine:
             x, y = data.x[chunk].to(self.device), data.y[chunk].to(self.device)
             if k:
                 # K augmented copies per example; their mean gradient is the example's row
-                x, y = augment(x, k, cfg.dataset, self.sampling_generator), y.repeat_interleave(k)
+                x, y = augment(x, k, self.augmentation, self.sampling_generator), y.repeat_interleave(k)
                 grads, mean_loss = self.sampler(per_example_loss, x, y)
                 acc.add(mean_over_copies(grads, k), consume=True)
             else:

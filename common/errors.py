@@ -22,7 +22,14 @@ class ConfigError(UserError, ValueError):
 
 
 class DataError(UserError):
-    """Data files are missing, corrupt or do not fit the requested split."""
+    """Data files are missing, corrupt or do not fit the requested split.
+
+    Its message may quote a silo's data (a cell, a file name): it stays on the silo's own log.
+    ``public=True`` marks a message that names nothing of the data (it may reach the server)."""
+
+    def __init__(self, message: str, *, public: bool = False) -> None:
+        super().__init__(message)
+        self.public = public
 
 
 class BudgetError(UserError):

@@ -13,6 +13,7 @@ example's gradient and per-sample clipping no longer bounds sensitivity
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -21,9 +22,10 @@ from torch import nn
 
 from common.errors import ModelError
 from common.feature_norm import SCATTER_NORMS, ChannelStandardize
+from common.schema import Schema, builtin_schema, schema_of
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # of the built-in datasets
 
 
 class MaxPool2dStride1(nn.Module):
@@ -62,7 +64,9 @@ def _conv_block(conv: nn.Conv2d, act: type[nn.Module], group_norm: bool) -> list
     return [conv, *([nn.GroupNorm(min(8, c // 4 or 1), c)] if group_norm else []), act()]
 
 
-def mnist_cnn(activation: str = "tanh", group_norm: bool = False) -> nn.Module:
+def mnist_cnn(
+    activation: str = "tanh", group_norm: bool = False, num_classes: int = NUM_CLASSES
+) -> nn.Module:
     """The 26,010-parameter MNIST CNN (Papernot et al. 2021, Tramèr & Boneh 2021); tanh by
     default (tempered sigmoids train better under DP, Papernot et al. 2021)."""
     act = ACTIVATIONS[activation]
@@ -74,11 +78,13 @@ def mnist_cnn(activation: str = "tanh", group_norm: bool = False) -> nn.Module:
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 32),
         act(),
-        nn.Linear(32, NUM_CLASSES),
+        nn.Linear(32, num_classes),
     )
 
 
-def cifar_cnn(activation: str = "tanh", group_norm: bool = False) -> nn.Module:
+def cifar_cnn(
+    activation: str = "tanh", group_norm: bool = False, num_classes: int = NUM_CLASSES
+) -> nn.Module:
     """The 550,570-parameter CIFAR-10 CNN (Tramèr & Boneh 2021, Table 9), tanh by default."""
     act = ACTIVATIONS[activation]
     layers: list[nn.Module] = []
@@ -90,11 +96,11 @@ def cifar_cnn(activation: str = "tanh", group_norm: bool = False) -> nn.Module:
             nn.MaxPool2d(2, 2),
         ]
         c_in = c_out
-    layers += [nn.Flatten(), nn.Linear(128 * 4 * 4, 128), act(), nn.Linear(128, NUM_CLASSES)]
+    layers += [nn.Flatten(), nn.Linear(128 * 4 * 4, 128), act(), nn.Linear(128, num_classes)]
     return nn.Sequential(*layers)
 
 
-def resnet18_gn(in_channels: int = 3) -> nn.Module:
+def resnet18_gn(in_channels: int = 3, num_classes: int = NUM_CLASSES) -> nn.Module:
     """torchvision ResNet-18 with GroupNorm (32 groups, or fewer for narrow layers).
 
     The residual addition is out-of-place (torchvision's ``out += identity`` and in-place
@@ -112,7 +118,7 @@ def resnet18_gn(in_channels: int = 3) -> nn.Module:
     def group_norm(channels: int) -> nn.Module:
         return nn.GroupNorm(min(32, channels), channels)
 
-    model = ResNet(Block, [2, 2, 2, 2], num_classes=NUM_CLASSES, norm_layer=group_norm)
+    model = ResNet(Block, [2, 2, 2, 2], num_classes=num_classes, norm_layer=group_norm)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     for m in model.modules():
@@ -131,7 +137,11 @@ def _scatter_front(channels: int, groups: int, norm: str) -> nn.Module:
 
 
 def scatter_cnn(
-    in_shape: tuple[int, int, int], groups: int, activation: str = "tanh", norm: str = "group"
+    in_shape: tuple[int, int, int],
+    groups: int,
+    activation: str = "tanh",
+    norm: str = "group",
+    num_classes: int = NUM_CLASSES,
 ) -> nn.Module:
     """The CNNs on ScatterNet features of Tramèr & Boneh (2021): a GroupNorm without parameters
     (per example: DP-safe; or the private data normalization, :func:`_scatter_front`), then for
@@ -148,7 +158,7 @@ def scatter_cnn(
             nn.Flatten(),
             nn.Linear(32 * ((h + 1) // 2) * ((w + 1) // 2), 32),
             act(),
-            nn.Linear(32, NUM_CLASSES),
+            nn.Linear(32, num_classes),
         ]
     else:
         body = [
@@ -158,15 +168,17 @@ def scatter_cnn(
             nn.Conv2d(64, 64, 3, padding=1),
             act(),
             nn.Flatten(),
-            nn.Linear(64 * (h // 2) * (w // 2), NUM_CLASSES),
+            nn.Linear(64 * (h // 2) * (w // 2), num_classes),
         ]
     return nn.Sequential(_scatter_front(c, groups, norm), *body)
 
 
-def scatter_linear(in_shape: tuple[int, int, int], groups: int, norm: str = "group") -> nn.Module:
+def scatter_linear(
+    in_shape: tuple[int, int, int], groups: int, norm: str = "group", num_classes: int = NUM_CLASSES
+) -> nn.Module:
     """A linear classifier on the normalized ScatterNet features (Tramèr & Boneh 2021)."""
     c, h, w = in_shape
-    return nn.Sequential(_scatter_front(c, groups, norm), nn.Flatten(), nn.Linear(c * h * w, NUM_CLASSES))
+    return nn.Sequential(_scatter_front(c, groups, norm), nn.Flatten(), nn.Linear(c * h * w, num_classes))
 
 
 class MaxPool2dStride2(nn.Module):
@@ -178,59 +190,195 @@ class MaxPool2dStride2(nn.Module):
 
 def build_model(
     name: str,
-    dataset: str,
+    data: str | Schema,
     *,
     activation: str = "tanh",
     scatter_groups: int = 27,
     scatter_norm: str = "group",
+    hidden: tuple[int, ...] = (64,),
+    backend: str = "auto",
 ) -> nn.Module:
-    """Build model ``name`` for ``dataset`` and check that it is DP-compatible.
+    """Build model ``name`` for ``data`` (a built-in dataset's name or a :class:`Schema`: its
+    input shape and classes) and check that it is DP-compatible.
 
     ``-gn`` variants of the paper's CNNs add GroupNorm after every convolution;
-    ``activation`` (tanh or relu) applies to the paper's CNNs and the ScatterNet CNNs;
-    ``scatter-*`` models take the ScatterNet features of the dataset's images, normalized by
-    a GroupNorm of ``scatter_groups`` groups or (``scatter_norm = "data"``) by released statistics.
+    ``activation`` (tanh or relu) applies to the paper's CNNs, the ScatterNet CNNs and the MLP;
+    ``scatter-*`` models take the ScatterNet features of the images, normalized by a GroupNorm
+    of ``scatter_groups`` groups or (``scatter_norm = "data"``) by released statistics;
+    ``logreg`` and ``mlp`` (``hidden`` widths) take any input, flattened; a
+    ``package.module:factory`` is the user's own (:func:`user_model`, checked with
+    ``backend``'s per-sample gradients).
     """
+    schema = builtin_schema(data) if isinstance(data, str) else data
     if activation not in ACTIVATIONS:
         raise ModelError(f"unknown activation '{activation}' (known: {', '.join(ACTIVATIONS)})")
-    if dataset not in INPUT_SHAPES:
-        raise ModelError(f"unknown dataset '{dataset}' (known: {', '.join(INPUT_SHAPES)})")
-    in_channels = INPUT_SHAPES[dataset][0]
-    if name in ("scatter-cnn", "scatter-linear"):
+    shape, classes = schema.input_shape, schema.num_classes
+    if ":" in name:
+        return user_model(name, shape, classes, backend=backend)
+    if name in ("logreg", "mlp"):
+        model = mlp(shape, classes, hidden if name == "mlp" else (), activation)
+    elif name in ("scatter-cnn", "scatter-linear"):
         from common.scatter import feature_shape
 
-        shape = feature_shape(INPUT_SHAPES[dataset])
+        if schema.kind != "image":
+            raise ModelError(
+                f"model '{name}' takes ScatterNet features of images; '{schema.name}' is a {schema.kind}"
+            )
+        fshape = feature_shape(shape)
         if scatter_norm not in SCATTER_NORMS:
             raise ModelError(f"unknown scatter-norm '{scatter_norm}' (known: {', '.join(SCATTER_NORMS)})")
-        if shape[0] % scatter_groups:
+        if fshape[0] % scatter_groups:
             raise ModelError(
-                f"scatter-groups {scatter_groups} does not divide the {shape[0]} feature channels"
+                f"scatter-groups {scatter_groups} does not divide the {fshape[0]} feature channels"
             )
         model = (
-            scatter_cnn(shape, scatter_groups, activation, scatter_norm)
+            scatter_cnn(fshape, scatter_groups, activation, scatter_norm, classes)
             if name == "scatter-cnn"
-            else scatter_linear(shape, scatter_groups, scatter_norm)
+            else scatter_linear(fshape, scatter_groups, scatter_norm, classes)
         )
-        check_dp_compatible(model)
-        return model
-    base, gn = (name[: -len("-gn")], True) if name in ("mnist-cnn-gn", "cifar-cnn-gn") else (name, False)
-    if base in ("mnist-cnn", "cifar-cnn"):
-        shape = (1, 28, 28) if base == "mnist-cnn" else (3, 32, 32)
-        if INPUT_SHAPES[dataset] != shape:
-            raise ModelError(
-                f"model '{name}' needs {'x'.join(map(str, shape))} inputs; dataset '{dataset}' has "
-                f"{'x'.join(map(str, INPUT_SHAPES[dataset]))}"
-            )
-        model = (mnist_cnn if base == "mnist-cnn" else cifar_cnn)(activation, gn)
-    elif name == "resnet18-gn":
-        model = resnet18_gn(in_channels)
     else:
-        raise ModelError(
-            f"unknown model '{name}' (known: mnist-cnn, mnist-cnn-gn, cifar-cnn, cifar-cnn-gn, resnet18-gn, "
-            "scatter-cnn, scatter-linear)"
-        )
+        base, gn = (name[: -len("-gn")], True) if name in ("mnist-cnn-gn", "cifar-cnn-gn") else (name, False)
+        if base in ("mnist-cnn", "cifar-cnn"):
+            need = (1, 28, 28) if base == "mnist-cnn" else (3, 32, 32)
+            if shape != need:
+                raise ModelError(
+                    f"model '{name}' needs {'x'.join(map(str, need))} inputs; '{schema.name}' has "
+                    f"{'x'.join(map(str, shape))}"
+                )
+            model = (mnist_cnn if base == "mnist-cnn" else cifar_cnn)(activation, gn, classes)
+        elif name == "resnet18-gn":
+            if schema.kind != "image":
+                raise ModelError(f"model '{name}' takes images; '{schema.name}' is a {schema.kind}")
+            model = resnet18_gn(shape[0], classes)
+        else:
+            raise ModelError(
+                f"unknown model '{name}' (known: mnist-cnn, mnist-cnn-gn, cifar-cnn, cifar-cnn-gn, resnet18-gn, "
+                "scatter-cnn, scatter-linear, logreg, mlp, or package.module:factory)"
+            )
     check_dp_compatible(model)
     return model
+
+
+def mlp(
+    input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (64,), activation: str = "tanh"
+) -> nn.Module:
+    """A multilayer perceptron on the flattened input (``hidden = ()``: logistic regression,
+    one linear layer and the softmax of the cross-entropy)."""
+    act = ACTIVATIONS[activation]
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), act()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def user_model(
+    spec: str, input_shape: tuple[int, ...], num_classes: int, *, backend: str = "auto"
+) -> nn.Module:
+    """The user's model ``package.module:factory``, called as ``factory(input_shape,
+    num_classes)``, checked before it trains (:func:`check_user_model`)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
+        raise ModelError(
+            f"model '{spec}': module '{module_name}' does not import ({type(exc).__name__}: {exc})"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"model '{spec}': '{module_name}' has no callable '{attr}'")
+    try:
+        model = factory(tuple(input_shape), int(num_classes))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(
+            f"model '{spec}': {attr}({tuple(input_shape)}, {num_classes}) raised {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"model '{spec}': {attr}(...) returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    check_user_model(model, spec, input_shape, num_classes, backend=backend)
+    return model
+
+
+def check_user_model(
+    model: nn.Module, spec: str, input_shape: tuple[int, ...], num_classes: int, *, backend: str = "auto"
+) -> None:
+    """What a model must satisfy before round 1, each failure a :class:`ModelError` naming the
+    cause: trainable parameters; an output of ``[batch, num_classes]``; no layer that mixes
+    the examples of a batch (BatchNorm); per-sample gradients from ``backend`` for every layer,
+    equal to each example's own gradient (which a layer mixing examples would break)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError(f"model '{spec}' has no trainable parameters")
+    check_dp_compatible(model)
+    x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(3) % num_classes
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(
+            f"model '{spec}' fails on inputs of shape {list(x.shape)}: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        model.train()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3, num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"model '{spec}' returns {got} for a batch of 3; the schema has {num_classes} classes: [3, {num_classes}] is due"
+        )
+    _check_per_sample(model, spec, x, y, backend)
+
+
+def _check_per_sample(model: nn.Module, spec: str, x: torch.Tensor, y: torch.Tensor, backend: str) -> None:
+    import copy
+
+    from common.per_sample import make_grad_sampler
+
+    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, t, reduction="none")
+
+    probe = copy.deepcopy(model)  # the sampler's hooks stay on the probe, not on the model that trains
+    try:
+        rows = torch.cat(make_grad_sampler(probe, backend)(loss_fn, x, y)[0], dim=1).detach()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(
+            f"model '{spec}': no per-sample gradients with backend '{backend}': {_layer_hint(model)}"
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in range(x.shape[0]):
+        ref = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum(), params, allow_unused=True)
+        ref = torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(ref, params)]
+        )
+        if not torch.allclose(rows[i], ref, rtol=1e-3, atol=1e-5):
+            raise ModelError(
+                f"model '{spec}': example {i}'s per-sample gradient differs from its own gradient: a layer "
+                "mixes the examples of a batch (batch statistics?), which per-sample clipping cannot bound"
+            )
+
+
+def _layer_hint(model: nn.Module) -> str:
+    """The first layer with parameters that neither the native sampler nor Opacus knows."""
+    from opacus import GradSampleModule
+
+    from common.per_sample import NATIVE_LAYERS
+
+    for name, m in model.named_modules():
+        if (
+            any(True for _ in m.parameters(recurse=False))
+            and not isinstance(m, NATIVE_LAYERS)
+            and type(m) not in GradSampleModule.GRAD_SAMPLERS
+        ):
+            return f"layer '{name}' ({type(m).__name__}) has no per-sample rule; "
+    return ""
 
 
 _BATCH_MIXING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -247,15 +395,26 @@ def check_dp_compatible(model: nn.Module) -> None:
             )
 
 
-def build_model_for(cfg) -> nn.Module:
-    """The model of a run's settings (``TrainConfig``)."""
+def build_model_for(cfg, schema: Schema | None = None) -> nn.Module:
+    """The model of a run's settings (``TrainConfig``), for its data's schema."""
+    schema = schema or schema_of(cfg.dataset, cfg.schema)
     return build_model(
-        cfg.resolved_model(),
-        cfg.dataset,
+        cfg.resolved_model(schema.kind, schema.input_shape),
+        schema,
         activation=cfg.activation,
         scatter_groups=cfg.scatter_groups,
         scatter_norm=cfg.scatter_norm,
+        hidden=cfg.hidden_sizes(),
+        backend=cfg.per_sample_backend,
     )
+
+
+def model_signature(model: nn.Module) -> str:
+    """A hash of the trainable parameters' names and shapes: server and silos compare it."""
+    import hashlib
+
+    text = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -22,7 +22,19 @@ def run_dir_name(cfg: TrainConfig, kind: str = "central", digest: str | None = N
     eps = (
         "inf" if not cfg.private else f"{cfg.epsilon:g}" if cfg.epsilon else f"sigma{cfg.noise_multiplier:g}"
     )
-    return f"{stamp}-{kind}-{cfg.method}-{cfg.dataset}-eps{eps}-{digest or cfg.digest()}"
+    return f"{stamp}-{kind}-{cfg.method}-{data_name(cfg)}-eps{eps}-{digest or cfg.digest()}"
+
+
+def data_name(cfg: TrainConfig) -> str:
+    """The data's name in run folders and reports: the built-in dataset, or the schema's name."""
+    if not cfg.custom:
+        return cfg.dataset
+    from common.schema import schema_of
+
+    try:
+        return schema_of(cfg.dataset, cfg.schema).name
+    except Exception:  # noqa: BLE001 - a name only; the schema's own errors come where it is read
+        return "custom"
 
 
 def write_json_atomic(path: str, obj: object) -> None:

@@ -92,7 +92,7 @@ def _cache_key(labels: torch.Tensor, num_partitions: int, cfg: TrainConfig) -> t
         digest,
         int(labels.shape[0]),
         int(num_partitions),
-        cfg.partitioner,
+        cfg.resolved_partitioner(),
         float(cfg.alpha),
         int(cfg.classes_per_silo),
         int(cfg.min_silo_size),
@@ -103,9 +103,11 @@ def _cache_key(labels: torch.Tensor, num_partitions: int, cfg: TrainConfig) -> t
 def _compute(labels: torch.Tensor, num_partitions: int, cfg: TrainConfig) -> list[torch.Tensor]:
     n = int(labels.shape[0])
     seed = partition_seed(cfg)
-    name = cfg.partitioner
+    name = cfg.resolved_partitioner()
     if num_partitions < 1:
         raise DataError(f"num-partitions must be >= 1, got {num_partitions}")
+    if name == "none":  # every data holder trains on all of the records it reads
+        return [torch.arange(n) for _ in range(num_partitions)]
     if num_partitions > n:
         raise DataError(f"{num_partitions} silos but only {n} examples: every silo needs data")
     if num_partitions * cfg.min_silo_size > n:

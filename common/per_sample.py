@@ -177,6 +177,7 @@ class UnsupportedLayer(ValueError):
 
 
 _NATIVE_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+NATIVE_LAYERS = _NATIVE_LAYERS  # the layers the native sampler computes per-sample gradients for
 
 
 class NativeGradSampler:

@@ -43,6 +43,19 @@ VAL_LOSS = "val-loss"
 VAL_CORRECT_NOISY = "val-correct-noisy"  # correct predictions + Gaussian noise (validation-release "noisy")
 VALIDATION_RELEASE = "validation-release"
 VALIDATION_NOISE = "validation-noise"
+NUM_TEST_EXAMPLES = "num-test-examples"
+SCHEMA_DIGEST = "schema-digest"  # query reply: sha256 of the schema the silo read its data with
+MODEL_SIGNATURE = "model-signature"  # query: the server's model (names and shapes), checked by the silo
+DATA_ERROR = "data-error"  # query reply: the silo's data do not match the schema (details on its own log)
+# evaluate messages: what is measured (validation for model selection, or the local test split)
+EVAL_PURPOSE = "eval-purpose"  # "validation" | "test"
+TEST_RELEASE = "test-release"  # "noisy" | "exact"
+TEST_NOISE = "test-noise"
+TEST_LOSS_BOUND = "test-loss-bound"
+TEST_CORRECT_NOISY = "test-correct-noisy"  # correct count + Gaussian (std test-noise)
+TEST_LOSS_NOISY = "test-loss-noisy"  # sum of losses clipped to [0, bound], / bound, + Gaussian
+TEST_ACCURACY = "test-accuracy"
+TEST_LOSS = "test-loss"
 
 PHASE_IMPORTANCE = "importance"
 PHASE_TRAIN = "train"

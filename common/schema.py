@@ -104,6 +104,7 @@ class Schema:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     image_column: str = "image"  # Hugging Face datasets: the column holding the images
+    flip: bool = False  # augmult: a mirrored image keeps its class (natural images)
     source: str = field(default="", compare=False)  # the file it was read from (not hashed)
 
     # ----- what the model sees -----------------------------------------------------------
@@ -164,6 +165,7 @@ class Schema:
                 "mean": list(self.mean),
                 "std": list(self.std),
                 "column": self.image_column,
+                "flip": self.flip,
             }
         return out
 
@@ -389,6 +391,7 @@ def schema_from_dict(data: dict[str, Any], *, where: str = "schema") -> Schema:
         name, kind, tuple(keys), label_column, size=(size[0], size[1]), channels=channels,
         other_size=other_size, other_mode=other_mode, mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std), image_column=str(image.get("column", "image")),
+        flip=bool(image.get("flip", False)),
     )  # fmt: skip
 
 
@@ -464,7 +467,9 @@ def builtin_schema(name: str) -> Schema:
     if name not in _BUILTIN_IMAGES:
         raise DataError(f"unknown dataset '{name}' (known: {', '.join(_BUILTIN_IMAGES)})")
     size, channels, mean, std, classes = _BUILTIN_IMAGES[name]
-    return Schema(name, "image", classes, size=size, channels=channels, mean=mean, std=std)
+    return Schema(
+        name, "image", classes, size=size, channels=channels, mean=mean, std=std, flip=name != "mnist"
+    )
 
 
 def schema_toml(schema: Schema) -> str:
@@ -489,3 +494,33 @@ def schema_toml(schema: Schema) -> str:
         for f in d["feature"]:
             lines += ["", "[[feature]]"] + [f"{k} = {json.dumps(v)}" for k, v in f.items()]
     return "\n".join(lines) + "\n"
+
+
+# ----- the run's schema -------------------------------------------------------------------------
+
+APP_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the Flower app's folder
+
+
+def resolve_schema_path(path: str) -> str:
+    """A ``schema`` setting as a file: absolute, else in the working folder, else in the app's
+    folder (``flwr run`` ships the project's TOML files to the server and every silo)."""
+    path = os.path.expanduser(path)
+    for candidate in (path, os.path.join(APP_ROOT, path)):
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise DataError(f"schema {path} does not exist (looked in {os.getcwd()} and {APP_ROOT})")
+
+
+_LOADED: dict[tuple[str, int], Schema] = {}
+
+
+def schema_of(dataset: str, schema_path: str = "") -> Schema:
+    """The schema of a run's data: a built-in dataset's, or the user's file (read once per
+    process and file version)."""
+    if dataset != "custom":
+        return builtin_schema(dataset)
+    path = resolve_schema_path(schema_path)
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _LOADED:
+        _LOADED[key] = load_schema(path)
+    return _LOADED[key]

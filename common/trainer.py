@@ -33,13 +33,14 @@ from common.accounting import (
     compute_epsilon,
 )
 from common.config import TrainConfig
-from common.data import Splits, load_splits
+from common.data import Splits, splits_for
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError, ConfigError
 from common.feature_norm import NORM_RELEASES, release_channel_stats, standardize_layer
 from common.masks import MaskBuilder, MovementScores, UnfreezeSchedule
 from common.models import ParameterEMA, build_model_for, flat_parameters, num_parameters
-from common.outputs import fmt, reproduce_command, run_dir_name, write_csv, write_json_atomic
+from common.outputs import data_name, fmt, reproduce_command, run_dir_name, write_csv, write_json_atomic
+from common.schema import schema_of
 from common.server_opt import lr_factor
 
 
@@ -150,18 +151,6 @@ def make_plan(cfg: TrainConfig, n_train: int) -> Plan:
     return Plan(n_train, q, q * n_train, steps_per_epoch, total, t_pre, sigma, sigma_pre, eps, sigma_norm)
 
 
-def splits_for(cfg: TrainConfig) -> Splits:
-    """Train / validation / test splits as the config asks."""
-    return load_splits(
-        cfg.dataset,
-        cfg.data_dir,
-        validation_fraction=cfg.validation_fraction,
-        train_subset=cfg.train_subset,
-        test_subset=cfg.test_subset,
-        features=cfg.features,
-    )
-
-
 def _charge_epoch(tracker: PrivacyTracker, plan: Plan, step: int) -> None:
     """Check and spend the epoch starting at ``step``: its (pre-training, training) steps."""
     n_pre = max(0, min(step + plan.steps_per_epoch, plan.pretrain_steps) - step)
@@ -257,6 +246,11 @@ def _central_summary(
     return {
         "method": cfg.method,
         "dataset": cfg.dataset,
+        **(
+            {"schema": data_name(cfg), "schema_digest": schema_of(cfg.dataset, cfg.schema).digest()}
+            if cfg.custom
+            else {}
+        ),
         "model": cfg.resolved_model(),
         "target_epsilon": cfg.epsilon if cfg.private else None,
         "epsilon": tracker.epsilon() if cfg.private else math.inf,  # never a finite epsilon

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -29,9 +29,19 @@ from common import protocol as P
 from common.config import FederatedConfig, TrainConfig
 from common.data import TensorData, load_dataset, take_subset, with_features
 from common.engine import evaluate
-from common.errors import BudgetError, ConfigError, UserError
+from common.errors import BudgetError, ConfigError, DataError, UserError
 from common.models import build_model_for
-from common.outputs import federated_command, fmt, run_dir_name, save_checkpoint, write_csv, write_json_atomic
+from common.outputs import (
+    data_name,
+    federated_command,
+    fmt,
+    run_dir_name,
+    save_checkpoint,
+    write_csv,
+    write_json_atomic,
+)
+from common.schema import schema_of
+from common.silos import read_dataset
 from server.ledger import PrivacyLedger
 from server.secagg import SecAggRefused
 from server.strategy import AdaDPIGUStrategy, RoundError
@@ -142,7 +152,7 @@ class FederatedRun:
     run_dir: str
     strategy: AdaDPIGUStrategy
     ledger: PrivacyLedger
-    test: TensorData
+    test: TensorData | None  # the server's own test set (None: federated evaluation only)
     log_fn: Callable[[str], None]
     t0: float
     rows: list[dict] = field(default_factory=list)
@@ -188,11 +198,7 @@ def set_up(
     fed.check_with(cfg)  # before a run folder exists
     ckpt, resumed_ledger = open_checkpoint(fed.resume, cfg, fed) if fed.resume else (None, None)
     # every file the server reads is read before its run folder exists: a corrupt one leaves nothing
-    test = with_features(
-        take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset),
-        cfg.features,
-        f"{cfg.dataset}-test",
-    )
+    test = server_test_set(cfg, fed)
     target = fed.resume or run_dir or fed_run_dir(cfg, fed)
     made = not os.path.exists(target)
     run_dir = _open_run_dir(cfg, fed, target, fresh=ckpt is None, command=command)
@@ -211,7 +217,7 @@ def _set_up_in(
     run_dir: str,
     ckpt: dict | None,
     resumed_ledger: PrivacyLedger | None,
-    test: TensorData,
+    test: TensorData | None,
     log_fn: Callable[[str], None],
     t0: float,
 ) -> FederatedRun:
@@ -237,7 +243,9 @@ def _set_up_in(
     run = FederatedRun(cfg, fed, run_dir, strategy, ledger, test, log_fn, t0)
     _discover_and_plan(grid, run, ckpt)
     if ckpt is None:
-        test_loss, test_acc = evaluate(strategy.model, test)
+        # the initial model on the server's test set; with federated evaluation only, it is not
+        # measured (that would be one more release charged to every silo)
+        test_loss, test_acc = evaluate(strategy.model, test) if test is not None else (math.nan, math.nan)
         run.rows = [
             {
                 "round": 0,
@@ -248,11 +256,33 @@ def _set_up_in(
                 **ledger.summary([]),  # 0 before any round (infinite for a non-private run)
             }
         ]
-        log_fn(f"[round   0] init test acc {test_acc:.4f}")
+        log_fn(f"[round   0] init test acc {fmt(test_acc)}")
         run.best_state = copy.deepcopy(model.state_dict())
     else:
         _restore_progress(run, ckpt)
     return run
+
+
+def server_test_set(cfg: TrainConfig, fed: FederatedConfig) -> TensorData | None:
+    """The server's own test set (``server-test-data``): a built-in dataset's test split, the
+    coordinator's dataset read with the run's schema, or None (federated evaluation only)."""
+    where = fed.server_test(cfg)
+    if where is None:
+        return None
+    if where == "builtin":
+        return with_features(
+            take_subset(load_dataset(cfg.dataset, cfg.data_dir, False), cfg.test_subset),
+            cfg.features,
+            f"{cfg.dataset}-test",
+        )
+    schema = schema_of(cfg.dataset, cfg.schema)
+    try:
+        data = read_dataset(where, schema)
+    except DataError as exc:
+        raise DataError(f"server-test-data: {exc}") from None
+    return with_features(
+        take_subset(data, cfg.test_subset), cfg.features, f"{schema.name}-server-test", schema=schema
+    )
 
 
 def _run_key(run_dir: str) -> str:
@@ -344,7 +374,7 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
         for s in sorted(strategy.silos.values(), key=lambda s: s.name)
     }
     write_json_atomic(os.path.join(run.run_dir, "plan.json"), plans)
-    if ckpt is None:
+    if ckpt is None and not cfg.custom and cfg.resolved_partitioner() != "none":
         _write_label_distribution(cfg, len(strategy.silos), run.run_dir, run.log_fn)
     sigmas = sorted({round(s.noise_multiplier, 6) for s in strategy.silos.values()})
     run.log_fn(
@@ -353,7 +383,7 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
         f"{cfg.epsilon if cfg.private else 'inf'} at delta {cfg.delta:g}; model selection: "
         f"{_selection_words(cfg, fed)}; silo sizes: "
         f"{'declared (public)' if cfg.silo_sizes == 'declared' else 'EXACT counts, outside the DP guarantee (opt-out)'}; "
-        f"noise: {_noise_words(fed, len(strategy.silos))}; "
+        f"noise: {_noise_words(fed, len(strategy.silos))}; test: {_test_words(run)}; "
         f"run folder {run.run_dir}"
     )
     if cfg.silo_sizes == "exact" and cfg.private:
@@ -366,6 +396,12 @@ def _discover_and_plan(grid: Grid, run: FederatedRun, ckpt: dict | None) -> None
             WARNING,
             "validation-release = 'exact': validation accuracy and loss leave the silos without noise, outside the DP guarantee",
         )
+    if fed.resolved_federated_test(cfg) == "exact" and cfg.private and run.test is None:
+        log(
+            WARNING,
+            "federated-test = 'exact': test accuracy and loss leave the silos without noise, outside the DP guarantee",
+        )
+    strategy.warn_if_test_is_noise(run.test is None)
 
 
 def _restore_progress(run: FederatedRun, ckpt: dict) -> None:
@@ -455,7 +491,8 @@ def run_round(grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord) -> t
         run.best_state = copy.deepcopy(eval_model.state_dict())
     _write_round(run, rnd, eval_model)
     run.log_fn(
-        f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {fmt(row['test_accuracy'])} "
+        f"[round {rnd:3d}] {row['phase']:10s} r={row['retention_ratio']:.2f} test acc {fmt(row['test_accuracy'])}"
+        f"{_std_words(row['test_accuracy_std'])} "
         f"val acc {fmt(row['val_accuracy'])} eps max {row['max_epsilon']:.3f} mean {row['mean_epsilon']:.3f} "
         f"up {row['bytes_up_per_client'] / 1e3:.1f} kB down {row['bytes_down_per_client'] / 1e3:.1f} kB "
         f"rejected {row['rejected_updates']} failed {row['failed_clients']} ({row['seconds']:.1f}s)"
@@ -493,17 +530,13 @@ def _round_row(
     """The round's metrics row: test and validation accuracy of ``eval_model``, epsilon, traffic."""
     strategy, fed = run.strategy, run.fed
     last = rnd == fed.num_server_rounds
-    test_loss, test_acc = math.nan, math.nan
-    if rnd % fed.test_interval == 0 or last:
-        test_loss, test_acc = evaluate(eval_model, run.test)
+    eval_arrays = arrays if eval_model is strategy.model else ArrayRecord(eval_model.state_dict())
     val = None
     if fed.validation_release != "none" and (rnd % fed.evaluate_interval == 0 or last):
-        eval_arrays = arrays if eval_model is strategy.model else ArrayRecord(eval_model.state_dict())
-        ev_messages = strategy.configure_evaluate(rnd, eval_arrays, ConfigRecord(), grid)
-        if ev_messages and strategy.validation_phase() is not None:  # write-ahead, as for training
-            write_json_atomic(os.path.join(run.run_dir, "ledger.json"), run.ledger.to_dict(pending=True))
-        ev_replies = grid.send_and_receive(ev_messages, timeout=fed.round_timeout)
-        val = strategy.aggregate_evaluate(rnd, ev_replies)
+        val = _ask_silos(grid, run, rnd, eval_arrays, "validation")
+    test = {"test_accuracy": math.nan, "test_loss": math.nan, "test_accuracy_std": math.nan}
+    if rnd % fed.test_interval == 0 or last:
+        test = _test_metrics(grid, run, rnd, eval_model, eval_arrays)
     eps = run.ledger.summary(s.name for s in strategy.silos.values())
     n_sent = max(int(agg_d.get("clients-sent", 0)), 1)
     return {
@@ -512,8 +545,7 @@ def _round_row(
         "retention_ratio": strategy.ratio_of(rnd),
         "active_ratio": 1.0 if strategy.mask is None else float(strategy.mask.float().mean()),
         "mask_version": strategy.mask_version,
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
+        **test,
         "val_accuracy": float(val[P.VAL_ACCURACY]) if val is not None else math.nan,
         "max_epsilon": eps["max_epsilon"],
         "mean_epsilon": eps["mean_epsilon"],
@@ -524,7 +556,41 @@ def _round_row(
         "bytes_down_per_client": float(agg_d.get("bytes-down", 0.0)) / n_sent,
         "bytes_up_per_client": float(agg_d.get("bytes-up", 0.0)) / max(int(agg_d.get("clients-valid", 0)), 1),
         "dense_bytes": 4 * strategy.d,
-        **_distributed_columns(run, rnd, agg_d, test_round=not math.isnan(test_acc)),
+        **_distributed_columns(run, rnd, agg_d, test_round=rnd % fed.test_interval == 0 or last),
+    }
+
+
+def _ask_silos(
+    grid: Grid, run: FederatedRun, rnd: int, arrays: ArrayRecord, purpose: str
+) -> MetricRecord | None:
+    """Ask the silos for validation or test metrics of ``arrays``: a noisy release is charged
+    in the ledger (written ahead, as for training) before the messages go out."""
+    strategy = run.strategy
+    messages = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid, purpose)
+    phase = strategy.test_phase() if purpose == "test" else strategy.validation_phase()
+    if messages and phase is not None:
+        _write_ledgers_ahead(run)
+    replies = grid.send_and_receive(messages, timeout=run.fed.round_timeout)
+    return strategy.aggregate_evaluate(rnd, replies, purpose)
+
+
+def _test_metrics(
+    grid: Grid, run: FederatedRun, rnd: int, eval_model: torch.nn.Module, arrays: ArrayRecord
+) -> dict:
+    """The test columns of a row: the server's own test set, else the silos' federated test
+    release (its accuracy with the std of its noise)."""
+    if run.test is not None:
+        loss, acc = evaluate(eval_model, run.test)
+        return {"test_accuracy": acc, "test_loss": loss, "test_accuracy_std": 0.0}
+    if run.fed.resolved_federated_test(run.cfg) == "none":
+        return {"test_accuracy": math.nan, "test_loss": math.nan, "test_accuracy_std": math.nan}
+    got = _ask_silos(grid, run, rnd, arrays, "test")
+    if got is None:
+        return {"test_accuracy": math.nan, "test_loss": math.nan, "test_accuracy_std": math.nan}
+    return {
+        "test_accuracy": float(got[P.TEST_ACCURACY]),
+        "test_loss": float(got[P.TEST_LOSS]),
+        "test_accuracy_std": float(got["accuracy-std"]),
     }
 
 
@@ -572,6 +638,27 @@ def _write_metrics(run: FederatedRun) -> None:
 # ----- finish ---------------------------------------------------------------------------
 
 
+def _test_words(run: FederatedRun) -> str:
+    """Where the test accuracy comes from, as the summary and the plan line say it."""
+    if run.test is not None:
+        return (
+            "server" if run.fed.server_test(run.cfg) == "builtin" else f"server ({run.fed.server_test_data})"
+        )
+    release = run.fed.resolved_federated_test(run.cfg)
+    if release == "none":
+        return "none"
+    if release == "noisy" and not run.cfg.private:
+        release = "exact"
+    return {
+        "noisy": f"federated, noisy (Gaussian std {run.fed.test_noise:g} on each silo's counts, in the ledger)",
+        "exact": "federated, EXACT (outside the DP guarantee)" if run.cfg.private else "federated, exact",
+    }[release]
+
+
+def _std_words(std: float) -> str:
+    return f" (noise std {std:.4f})" if isinstance(std, float) and std > 0 and math.isfinite(std) else ""
+
+
 def _noise_words(fed: FederatedConfig, silos: int) -> str:
     if fed.dp_noise == "local":
         return "local (each silo adds all of it; the server sees each update)"
@@ -613,14 +700,19 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
     """The best model on validation, the final files and ``summary.json``."""
     selection = _choose_released(run)
     cfg, strategy, ledger, rows, best = run.cfg, run.strategy, run.ledger, run.rows, run.best
-    if len(rows) > 1 and math.isnan(rows[-1]["test_accuracy"]):  # stopped between test rounds
-        final = strategy.evaluation_model()
+    if len(rows) > 1 and math.isnan(rows[-1]["test_accuracy"]) and run.test is not None:
+        final = strategy.evaluation_model()  # stopped between test rounds
         rows[-1]["test_loss"], rows[-1]["test_accuracy"] = evaluate(final, run.test)
+        rows[-1]["test_accuracy_std"] = 0.0
         torch.save(final.state_dict(), os.path.join(run.run_dir, "final_model.pt"))
     _write_metrics(run)
     torch.save(run.best_state, os.path.join(run.run_dir, "best_model.pt"))
     strategy.model.load_state_dict(run.best_state)
-    _, best_test = evaluate(strategy.model, run.test)
+    best_row = next((r for r in rows if r["round"] == best["round"]), rows[-1])
+    if run.test is not None:
+        _, best_test = evaluate(strategy.model, run.test)
+    else:  # federated: what was released for the chosen round (NaN if it was not a test round)
+        best_test = best_row["test_accuracy"]
     write_json_atomic(os.path.join(run.run_dir, "ledger.json"), ledger.to_dict())
     write_json_atomic(os.path.join(run.run_dir, "rejections.json"), strategy.rejections)
     if strategy.distributed:  # what each silo's own share alone is worth (everyone else colluding)
@@ -631,6 +723,11 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
     summary = {
         "method": cfg.method,
         "dataset": cfg.dataset,
+        **(
+            {"schema": data_name(cfg), "schema_digest": schema_of(cfg.dataset, cfg.schema).digest()}
+            if cfg.custom
+            else {}
+        ),
         "num_silos": len(strategy.silos),
         "rounds_completed": len(rows) - 1,
         "stop_reason": stop_reason,
@@ -642,6 +739,8 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
         "test_accuracy_best_val": best_test,
         "test_accuracy_final": rows[-1]["test_accuracy"],
         "initial_test_accuracy": rows[0]["test_accuracy"],
+        "test_source": _test_words(run),
+        "test_accuracy_std": best_row.get("test_accuracy_std", 0.0) if run.test is None else 0.0,
         "rejected_updates": len(
             [r for r in strategy.rejections if not r["reason"].startswith("client error")]
         ),
@@ -665,7 +764,8 @@ def finish(run: FederatedRun, stop_reason: str) -> dict:
     write_json_atomic(os.path.join(run.run_dir, "summary.json"), summary)
     run.log_fn(
         f"[done] {summary['rounds_completed']} rounds ({stop_reason}); best round {best['round']} "
-        f"test acc {best_test:.4f}; final {summary['test_accuracy_final']:.4f}; max epsilon "
+        f"test acc {fmt(best_test)}{_std_words(summary['test_accuracy_std'])}; final "
+        f"{fmt(summary['test_accuracy_final'])}; max epsilon "
         f"{summary['max_epsilon']}"
         + (
             f" against the server (a silo's own share alone: {summary['max_epsilon_own_share']:.4g})"

@@ -37,7 +37,7 @@ from common.config import FederatedConfig, TrainConfig
 from common.distributed import LatticePlan, headroom, plan_lattice, to_signed
 from common.engine import derive_seed, step_mode
 from common.errors import BudgetError, UserError
-from common.federated import ClientPlan, aggregate_sparse, silo_noise, validation_phase
+from common.federated import ClientPlan, aggregate_sparse, silo_noise, test_phase, validation_phase
 from common.masks import (
     ImportanceAccumulator,
     MaskBuilder,
@@ -46,8 +46,9 @@ from common.masks import (
     importance_scores,
     pack_mask,
 )
-from common.models import ParameterEMA, flat_parameters, load_flat_parameters
+from common.models import ParameterEMA, flat_parameters, load_flat_parameters, model_signature
 from common.privacy import release_secure_sum
+from common.schema import schema_of
 from common.server_opt import ServerOptimizer, lr_factor
 from server.ledger import PrivacyLedger
 from server.secagg import SecAggRefused, SecureAggregator
@@ -65,6 +66,7 @@ class SiloInfo:
     n_val: int
     plan: ClientPlan
     noise_multiplier: float = 0.0
+    n_test: int = 0
 
 
 @dataclass
@@ -134,6 +136,8 @@ class AdaDPIGUStrategy(FedAvg):
         self.rejections: list[dict] = []
         self.run_key = ""  # the run folder's name (set by the runner): clients keep durable state under it
         self.train_config_json = json.dumps(cfg.to_dict())
+        self.schema_digest = schema_of(cfg.dataset, cfg.schema).digest()
+        self.model_signature = model_signature(model)
         # distributed noise: secure aggregation, the lattice of the round, and the statistics
         # that local noise keeps in each client (importance, AdaCliP) kept here instead, from
         # the aggregated release (a silo's own share is not noisy enough to adapt on)
@@ -162,7 +166,10 @@ class AdaDPIGUStrategy(FedAvg):
 
     # ----- set-up ------------------------------------------------------------------------
     def register_silos(self, replies: Iterable[Message]) -> None:
-        """Record each node's silo (from the query round) and its DP plan."""
+        """Record each node's silo (from the query round) and its DP plan. A silo whose data do
+        not match the schema, whose schema differs from the run's or whose model differs from
+        the server's is refused by name, before anything is spent."""
+        refused = []
         for msg in replies:
             if msg.has_error():
                 log(
@@ -174,11 +181,38 @@ class AdaDPIGUStrategy(FedAvg):
                 continue
             m = msg.content[P.METRICS]
             pid = int(m[P.PARTITION_ID])
+            if int(m.get(P.DATA_ERROR, 0)):
+                refused.append(
+                    f"silo {pid}: its data do not match the schema (the details are on the silo's own log)"
+                )
+                continue
+            ids = msg.content.config_records.get(P.CONFIG)
+            digest = str(ids.get(P.SCHEMA_DIGEST, "")) if ids is not None else ""
+            if digest != self.schema_digest:
+                refused.append(
+                    f"silo {pid}: its schema differs from the run's ({digest[:12] or 'none'} vs "
+                    f"{self.schema_digest[:12]}): every silo must hold the same public schema"
+                )
+                continue
+            signature = str(ids.get(P.MODEL_SIGNATURE, "")) if ids is not None else ""
+            if signature != self.model_signature:
+                refused.append(
+                    f"silo {pid}: the model it builds differs from the server's (parameter names or shapes; "
+                    "the same model setting and code must be installed on both sides)"
+                )
+                continue
             n_train = int(m[P.NUM_EXAMPLES])
             plan = ClientPlan.for_silo(self.cfg, self.fed, n_train)
             self.silos[msg.metadata.src_node_id] = SiloInfo(
-                msg.metadata.src_node_id, f"silo-{pid}", n_train, int(m[P.NUM_VAL_EXAMPLES]), plan
+                msg.metadata.src_node_id,
+                f"silo-{pid}",
+                n_train,
+                int(m[P.NUM_VAL_EXAMPLES]),
+                plan,
+                n_test=int(m.get(P.NUM_TEST_EXAMPLES, 0)),
             )
+        if refused:
+            raise RoundError("; ".join(refused))
         names = [s.name for s in self.silos.values()]
         if len(set(names)) != len(names):
             raise RoundError(f"two nodes report the same partition: {sorted(names)}")
@@ -225,6 +259,24 @@ class AdaDPIGUStrategy(FedAvg):
                 std,
                 self.fed.validation_noise,
                 n_val,
+                len(self.silos),
+            )
+
+    def warn_if_test_is_noise(self, federated: bool) -> None:
+        """Noisy federated test: the accuracy's noise std is test-noise * sqrt(silos) / test
+        examples; above a point, say so before round 1 (the numbers would be mostly noise)."""
+        if not federated or self.test_phase() is None or not self.silos:
+            return
+        n_test = sum(s.n_test for s in self.silos.values())
+        std = self.fed.test_noise * math.sqrt(len(self.silos)) / max(n_test, 1)
+        if std > 0.01:
+            log(
+                WARNING,
+                "noisy federated test: the released test accuracy has a noise std of %.3f (test-noise %g over "
+                "%d declared test examples in %d silos); more test data or a smaller test-noise would help",
+                std,
+                self.fed.test_noise,
+                n_test,
                 len(self.silos),
             )
 
@@ -702,20 +754,33 @@ class AdaDPIGUStrategy(FedAvg):
             self.server_importance.noise_var = imp["noise_var"].clone()
             self.server_importance.steps = int(imp["steps"])
 
-    # ----- evaluate ----------------------------------------------------------------------
+    # ----- evaluate ------------------------------------------------------------------------
+    def test_phase(self, releases: int = 1) -> Phase | None:
+        """The DP event of ``releases`` noisy federated test releases (None when none are charged)."""
+        return test_phase(self.cfg, self.fed, releases)
+
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        purpose: str = "validation",
     ) -> list[Message]:
-        """Ask for validation metrics (``validation-release`` noisy or exact). A noisy release
-        is charged to each asked silo's ledger before it is sent; silos it would take past
-        the target are not asked."""
-        if self.fed.fraction_evaluate <= 0 or self.fed.validation_release == "none":
+        """Ask the silos for metrics of ``arrays``: ``validation`` (model selection,
+        ``validation-release`` noisy or exact) or ``test`` (their local test splits,
+        ``federated-test`` noisy or exact). A noisy release is charged to each asked silo's
+        ledger before it is sent; silos it would take past the target are not asked."""
+        if purpose == "test":
+            release, phase = self.fed.resolved_federated_test(self.cfg), self.test_phase()
+        else:
+            release, phase = self.fed.validation_release, self.validation_phase()
+        if self.fed.fraction_evaluate <= 0 or release == "none":
             return []
         try:
             nodes = self.sample(grid, self.fed.fraction_evaluate, 1)
         except RoundError:
             return []
-        phase = self.validation_phase()
         if phase is not None:
             allowed = []
             for n in nodes:
@@ -725,9 +790,10 @@ class AdaDPIGUStrategy(FedAvg):
                 except BudgetError as exc:
                     log(
                         WARNING,
-                        "round %d: %s not asked for validation: %s",
+                        "round %d: %s not asked for %s: %s",
                         server_round,
                         self.silos[n].name,
+                        purpose,
                         exc,
                     )
             nodes = allowed
@@ -738,8 +804,12 @@ class AdaDPIGUStrategy(FedAvg):
             {
                 P.SERVER_ROUND: server_round,
                 P.TRAIN_CONFIG: self.train_config_json,
+                P.EVAL_PURPOSE: purpose,
                 P.VALIDATION_RELEASE: release,
                 P.VALIDATION_NOISE: float(self.fed.validation_noise),
+                P.TEST_RELEASE: release,
+                P.TEST_NOISE: float(self.fed.test_noise),
+                P.TEST_LOSS_BOUND: float(self.fed.test_loss_bound),
                 P.RUN_KEY: self.run_key,
             }
         )
@@ -748,32 +818,28 @@ class AdaDPIGUStrategy(FedAvg):
                 RecordDict({P.ARRAYS: arrays, P.CONFIG: rc}),
                 dst_node_id=n,
                 message_type=MessageType.EVALUATE,
-                group_id=str(server_round),
+                group_id=f"{server_round}-{purpose}",
             )
             for n in nodes
         ]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message], purpose: str = "validation"
+    ) -> MetricRecord | None:
+        """Validation: the pooled accuracy (noisy: the sum of the noisy counts over the
+        examples). Test: accuracy, loss and the std of the released accuracy's noise."""
+        if purpose == "test":
+            return self._aggregate_test(server_round, replies)
         total, acc, loss, correct_noisy = 0.0, 0.0, 0.0, 0.0
-        for msg in replies:
-            if msg.has_error():
-                log(
-                    WARNING,
-                    "round %d: evaluation reply with an error (source %s): %s",
-                    server_round,
-                    msg.metadata.src_node_id,
-                    msg.error.reason,
-                )
-                continue
-            m = msg.content.metric_records.get(P.METRICS)
-            if m is not None and P.VAL_CORRECT_NOISY in m and P.NUM_EXAMPLES in m:
+        for m in self._metrics(server_round, replies):
+            if P.VAL_CORRECT_NOISY in m and P.NUM_EXAMPLES in m:
                 # noisy release: sum the noisy counts (the mean of noisy ratios would weight noise)
                 w, c = float(m[P.NUM_EXAMPLES]), float(m[P.VAL_CORRECT_NOISY])
                 if w > 0 and math.isfinite(c):
                     total += w
                     correct_noisy += c
                 continue
-            if m is None or P.VAL_ACCURACY not in m or P.NUM_EXAMPLES not in m:
+            if P.VAL_ACCURACY not in m or P.NUM_EXAMPLES not in m:
                 continue
             w = float(m[P.NUM_EXAMPLES])
             a, lo = float(m[P.VAL_ACCURACY]), float(m.get(P.VAL_LOSS, 0.0))
@@ -789,4 +855,49 @@ class AdaDPIGUStrategy(FedAvg):
             return MetricRecord({P.VAL_ACCURACY: value, P.VAL_LOSS: math.nan, "num-examples": int(total)})
         return MetricRecord(
             {P.VAL_ACCURACY: acc / total, P.VAL_LOSS: loss / total, "num-examples": int(total)}
+        )
+
+    def _metrics(self, server_round: int, replies: Iterable[Message]) -> list[MetricRecord]:
+        out = []
+        for msg in replies:
+            if msg.has_error():
+                log(
+                    WARNING,
+                    "round %d: evaluation reply with an error (source %s): %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+                continue
+            m = msg.content.metric_records.get(P.METRICS)
+            if m is not None:
+                out.append(m)
+        return out
+
+    def _aggregate_test(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Federated test metrics: noisy, the sums of the silos' noisy counts and clipped loss
+        sums over their declared test sizes (the accuracy's noise std: test-noise * sqrt(silos)
+        / examples); exact, the example-weighted means."""
+        total, correct, loss, silos = 0.0, 0.0, 0.0, 0
+        noisy = self.test_phase() is not None
+        for m in self._metrics(server_round, replies):
+            w = float(m.get(P.NUM_EXAMPLES, 0))
+            keys = (P.TEST_CORRECT_NOISY, P.TEST_LOSS_NOISY) if noisy else (P.TEST_ACCURACY, P.TEST_LOSS)
+            if w <= 0 or not all(k in m and math.isfinite(float(m[k])) for k in keys):
+                continue
+            a, lo = float(m[keys[0]]), float(m[keys[1]])
+            total += w
+            silos += 1
+            correct += a if noisy else a * w
+            loss += lo * self.fed.test_loss_bound if noisy else lo * w
+        if total == 0:
+            return None
+        std = self.fed.test_noise * math.sqrt(silos) / total if noisy else 0.0
+        return MetricRecord(
+            {
+                P.TEST_ACCURACY: min(max(correct / total, 0.0), 1.0),
+                P.TEST_LOSS: max(loss / total, 0.0),
+                "accuracy-std": std,
+                "num-examples": int(total),
+            }
         )

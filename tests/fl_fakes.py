@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import protocol as P
@@ -21,11 +21,19 @@ class FakeGrid:
         return list(self.node_ids)
 
 
-def query_reply(instr: Message, pid: int, n_train: int, n_val: int = 10, nparts: int = 3) -> Message:
+def query_reply(
+    instr: Message, pid: int, n_train: int, n_val: int = 10, nparts: int = 3, *, strategy=None
+) -> Message:
+    """A silo's query reply; with ``strategy``, it holds the run's schema and builds its model."""
     m = MetricRecord(
         {P.NUM_EXAMPLES: n_train, P.NUM_VAL_EXAMPLES: n_val, P.PARTITION_ID: pid, P.NUM_PARTITIONS: nparts}
     )
-    return Message(RecordDict({P.METRICS: m}), reply_to=instr)
+    ids = ConfigRecord(
+        {}
+        if strategy is None
+        else {P.SCHEMA_DIGEST: strategy.schema_digest, P.MODEL_SIGNATURE: strategy.model_signature}
+    )
+    return Message(RecordDict({P.METRICS: m, P.CONFIG: ids}), reply_to=instr)
 
 
 def train_reply(

@@ -19,10 +19,11 @@ from tests.inprocess import InProcessGrid, small_run_configs
 
 def test_declared_sizes_default_to_the_iid_share_of_the_public_dataset():
     cfg = TrainConfig(dataset="mnist", validation_fraction=0.1)
-    assert declared_sizes(cfg, 10) == (5400, 600)
-    assert declared_sizes(cfg.replace(train_subset=1800), 3) == (540, 60)
-    assert declared_sizes(cfg.replace(declared_silo_size=1000), 10) == (900, 100)
-    assert declared_sizes(cfg, 10, node_declared=2000) == (1800, 200)  # a node's own declaration wins
+    assert declared_sizes(cfg, 10) == (5400, 600, 0)
+    assert declared_sizes(cfg.replace(train_subset=1800), 3) == (540, 60, 0)
+    assert declared_sizes(cfg.replace(declared_silo_size=1000), 10) == (900, 100, 0)
+    assert declared_sizes(cfg, 10, node_declared=2000) == (1800, 200, 0)  # a node's own declaration wins
+    assert declared_sizes(cfg.replace(test_fraction=0.2), 10, node_declared=2000) == (1440, 160, 400)
 
 
 def test_a_silo_far_from_its_declaration_refuses_without_naming_its_count():

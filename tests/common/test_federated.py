@@ -70,7 +70,9 @@ def test_silos_are_views_of_one_copy_and_hold_exactly_their_examples(partitioner
     for pid in range(5):
         shard = full.subset(parts[pid])
         tr, va = train_validation_split(len(shard), cfg.validation_fraction, seed=pid)
-        train, val = load_silo(cfg, pid, 5)
+        silo = load_silo(cfg, pid, 5)
+        train, val = silo.train, silo.validation
+        assert len(silo.test) == 0  # test-fraction 0: no local test split
         assert torch.equal(train.x, shard.subset(tr).x) and torch.equal(train.y, shard.subset(tr).y)
         assert torch.equal(val.x, shard.subset(va).x) and torch.equal(val.y, shard.subset(va).y)
         storages |= {train.x.untyped_storage().data_ptr(), val.x.untyped_storage().data_ptr()}

@@ -41,7 +41,7 @@ def make_strategy(method="adadpigu", rounds=3, epsilon=8.0, noise_multiplier=2.0
         for n in NODES
     ]
     strat.register_silos(
-        [query_reply(q, pid, SIZES[q.metadata.dst_node_id]) for pid, q in enumerate(queries)]
+        [query_reply(q, pid, SIZES[q.metadata.dst_node_id], strategy=strat) for pid, q in enumerate(queries)]
     )
     strat.calibrate()
     return strat, grid, ArrayRecord(model.state_dict())
