@@ -359,7 +359,7 @@ def evaluate_round(
     key = P.TEST_RELEASE if purpose == "test" else P.VALIDATION_RELEASE
     release = None if round_cfg is None else round_cfg.get(key)
     if purpose not in ("validation", "test") or release not in ("noisy", "exact"):  # never exact silently
-        raise ValueError(f"evaluate message: {purpose} release must be 'noisy' or 'exact', got {release!r}")
+        raise ValueError(f"evaluate message: {key} must be 'noisy' or 'exact', got {release!r}")
     silo = get_silo(cfg, context)
     engine = get_engine(cfg, silo)
     _, n_val, n_test = released_sizes(cfg, silo, context)

@@ -170,48 +170,6 @@ class Splits:
     test: TensorData
 
 
-def splits_for(cfg) -> Splits:
-    """Train / validation / test splits of one data holder as a run's settings (``TrainConfig``)
-    ask: a built-in dataset (its test split is the test set), or the user's data at
-    ``data-dir`` read with the run's schema (its local test split, or ``test/`` sub-folder;
-    a simulation root with ``silos.toml`` pools every silo's splits, the centralized baseline)."""
-    if not cfg.custom:
-        return load_splits(
-            cfg.dataset,
-            cfg.data_dir,
-            validation_fraction=cfg.validation_fraction,
-            train_subset=cfg.train_subset,
-            test_subset=cfg.test_subset,
-            features=cfg.features,
-        )
-    from common.schema import schema_of
-    from common.silos import local_splits, silo_folders
-
-    schema = schema_of(cfg.dataset, cfg.schema)
-    folders = silo_folders(cfg.data_dir) or [cfg.data_dir]
-    parts = [
-        local_splits(f, schema, validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction)
-        for f in folders
-    ]
-
-    def pooled(name: str) -> TensorData:
-        chunks = [getattr(p, name) for p in parts]
-        return TensorData(torch.cat([c.x for c in chunks]), torch.cat([c.y for c in chunks]))
-
-    test = take_subset(pooled("test"), cfg.test_subset)
-    if len(test) == 0:
-        raise DataError(
-            f"{cfg.data_dir} has no test data: set test-fraction > 0 or give the data a test/ sub-folder"
-        )
-    train = take_subset(pooled("train"), cfg.train_subset)
-    label = f"{schema.name}-{schema.digest()[:12]}"
-    return Splits(
-        with_features(train, cfg.features, f"{label}-train", schema=schema),
-        with_features(pooled("validation"), cfg.features, f"{label}-validation", schema=schema),
-        with_features(test, cfg.features, f"{label}-test", schema=schema),
-    )
-
-
 def load_splits(
     name: str,
     data_dir: str,

@@ -332,16 +332,22 @@ def check_declared_size(cfg: TrainConfig, actual: int, declared_total: int) -> N
 
 
 def check_silo_plans(
-    cfg: TrainConfig, fed: FederatedConfig, num_partitions: int, *, data_dir: str | None = None
+    cfg: TrainConfig,
+    fed: FederatedConfig,
+    num_partitions: int,
+    *,
+    data_dir: str | None = None,
+    silo_dirs: list[str] | None = None,
 ) -> list[ClientPlan]:
     """Every silo's plan, *before* any process starts: a setting a silo cannot run (a batch
     larger than the silo, an empty silo, a silo far from its declared size, a folder that does
     not match the schema) fails here with the same message as on the centralized path, not
     after the clients have started. Built-in data: from the public partition recipe; user
-    data: each silo's folder is read (and its tensors cached for the silos)."""
+    data: each silo's folder is read (and its tensors cached for the silos), the folders of
+    ``silo_dirs`` (one per silo) or of ``data_dir``'s ``silos.toml``."""
     root = data_dir or cfg.data_dir
     plans = []
-    for pid, (n_records, n_train, declared) in enumerate(_silo_counts(cfg, num_partitions, root)):
+    for pid, (n_records, n_train, declared) in enumerate(_silo_counts(cfg, num_partitions, root, silo_dirs)):
         if n_records < 2:
             raise DataError(f"silo {pid} has {n_records} examples; it needs at least 2")
         if cfg.silo_sizes == "declared":
@@ -360,10 +366,12 @@ def check_silo_plans(
     return plans
 
 
-def _silo_counts(cfg: TrainConfig, num_partitions: int, root: str) -> list[tuple[int, int, int]]:
+def _silo_counts(
+    cfg: TrainConfig, num_partitions: int, root: str, silo_dirs: list[str] | None = None
+) -> list[tuple[int, int, int]]:
     """(records, training records, declared size) of every silo."""
     if cfg.custom:
-        if silo_folders(root) is None and num_partitions > 1:
+        if silo_dirs is None and silo_folders(root) is None and num_partitions > 1:
             raise DataError(
                 f"{root} has no silos.toml: a simulation of user data reads one folder per silo, listed "
                 "in silos.toml (adadpigu split writes them)"
@@ -371,7 +379,10 @@ def _silo_counts(cfg: TrainConfig, num_partitions: int, root: str) -> list[tuple
         out = []
         for pid in range(num_partitions):
             try:
-                s = load_silo(cfg, pid, num_partitions, data_dir=root)
+                if silo_dirs is not None:  # the silo's own folder, as its node config will say
+                    s = load_silo(cfg, pid, num_partitions, data_dir=silo_dirs[pid])
+                else:
+                    s = load_silo(cfg, pid, num_partitions, data_dir=root)
             except DataError as exc:
                 raise DataError(f"silo {pid}: {exc}") from None
             out.append((len(s.train) + len(s.validation) + len(s.test), len(s.train), s.declared))

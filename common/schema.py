@@ -364,8 +364,12 @@ def schema_from_dict(data: dict[str, Any], *, where: str = "schema") -> Schema:
     if not isinstance(image, dict):
         raise DataError(f"{where}: an image schema needs an [image] table (size, channels, mean, std)")
     _only(
-        image, {"size", "channels", "other-size", "other-mode", "mean", "std", "column"}, f"{where} [image]"
+        image,
+        {"size", "channels", "other-size", "other-mode", "mean", "std", "column", "flip"},
+        f"{where} [image]",
     )
+    if not isinstance(image.get("flip", False), bool):
+        raise DataError(f"{where}: [image] flip must be true or false")
     size = image.get("size")
     if not (
         isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and 1 <= s <= 4096 for s in size)

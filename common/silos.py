@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common.data import TensorData
+from common.data import Splits, TensorData, load_splits, take_subset, with_features
 from common.errors import DataError
-from common.schema import SCHEMA_FILE, Schema, load_schema
+from common.schema import SCHEMA_FILE, Schema, load_schema, schema_of
 
 SILOS_FILE = "silos.toml"
 SILO_FILE = "silo.toml"
@@ -309,3 +309,45 @@ def _split_by_fraction(
 def _count(n: int, fraction: float) -> int:
     k = int(round(fraction * n))
     return max(k, 1) if fraction > 0 and n > 1 else k
+
+
+# ----- centralized training's data ------------------------------------------------------------
+
+
+def splits_for(cfg) -> Splits:
+    """Train / validation / test splits of one data holder as a run's settings (``TrainConfig``)
+    ask: a built-in dataset (its test split is the test set), or the user's data at
+    ``data-dir`` read with the run's schema (its local test split, or ``test/`` sub-folder;
+    a simulation root with ``silos.toml`` pools every silo's splits, the centralized baseline)."""
+    if not cfg.custom:
+        return load_splits(
+            cfg.dataset,
+            cfg.data_dir,
+            validation_fraction=cfg.validation_fraction,
+            train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset,
+            features=cfg.features,
+        )
+    schema = schema_of(cfg.dataset, cfg.schema)
+    folders = silo_folders(cfg.data_dir) or [cfg.data_dir]
+    parts = [
+        local_splits(f, schema, validation_fraction=cfg.validation_fraction, test_fraction=cfg.test_fraction)
+        for f in folders
+    ]
+
+    def pooled(name: str) -> TensorData:
+        chunks = [getattr(p, name) for p in parts]
+        return TensorData(torch.cat([c.x for c in chunks]), torch.cat([c.y for c in chunks]))
+
+    test = take_subset(pooled("test"), cfg.test_subset)
+    if len(test) == 0:
+        raise DataError(
+            f"{cfg.data_dir} has no test data: set test-fraction > 0 or give the data a test/ sub-folder"
+        )
+    train = take_subset(pooled("train"), cfg.train_subset)
+    label = f"{schema.name}-{schema.digest()[:12]}"
+    return Splits(
+        with_features(train, cfg.features, f"{label}-train", schema=schema),
+        with_features(pooled("validation"), cfg.features, f"{label}-validation", schema=schema),
+        with_features(test, cfg.features, f"{label}-test", schema=schema),
+    )

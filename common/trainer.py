@@ -33,7 +33,7 @@ from common.accounting import (
     compute_epsilon,
 )
 from common.config import TrainConfig
-from common.data import Splits, splits_for
+from common.data import Splits
 from common.engine import DPEngine, evaluate, make_generator, resolve_device, step_mode
 from common.errors import BudgetError, ConfigError
 from common.feature_norm import NORM_RELEASES, release_channel_stats, standardize_layer
@@ -42,6 +42,7 @@ from common.models import ParameterEMA, build_model_for, flat_parameters, num_pa
 from common.outputs import data_name, fmt, reproduce_command, run_dir_name, write_csv, write_json_atomic
 from common.schema import schema_of
 from common.server_opt import lr_factor
+from common.silos import splits_for
 
 
 @dataclass(frozen=True)

@@ -100,12 +100,17 @@ def _toml_value(key: str, value: Any) -> str:
 
 
 def resolve_run_config(
-    overrides: Mapping[str, Any], *, silos: int, data_dir: str | os.PathLike | None = None
+    overrides: Mapping[str, Any],
+    *,
+    silos: int,
+    data_dir: str | os.PathLike | None = None,
+    silo_dirs: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Validate the overrides (keys, types, values) before anything is started.
+    """Validate the overrides (keys, types, values) before anything is started; with
+    ``silo_dirs``, every silo's own folder is read and checked.
 
-    Returns the overrides with ``out-dir`` made absolute (the ServerApp runs in another
-    process with another working directory).
+    Returns the overrides with ``out-dir``, ``schema`` and ``server-test-data`` made absolute
+    (the ServerApp runs in another process with another working directory).
     """
     defaults = app_config_defaults()
     unknown = sorted(k for k in overrides if k not in defaults)
@@ -118,10 +123,48 @@ def resolve_run_config(
     cfg, fed = split_run_config(merged)  # raises ConfigError on a bad value
     # settings that fail only together, every silo's plan and noise, a resume: before any
     # process starts (on the data the silos will read)
-    preflight(cfg, fed, silos, data_dir=os.fspath(data_dir) if data_dir else None)
+    preflight(cfg, fed, silos, data_dir=os.fspath(data_dir) if data_dir else None, silo_dirs=silo_dirs)
     out = dict(overrides)
     out["out-dir"] = os.path.abspath(str(merged["out-dir"]))
+    if cfg.schema:
+        from common.schema import resolve_schema_path
+
+        out["schema"] = resolve_schema_path(cfg.schema)
+    if fed.server_test_data not in ("auto", "none"):
+        out["server-test-data"] = os.path.abspath(fed.server_test_data)
     return out
+
+
+def silo_dirs_for(
+    overrides: Mapping[str, Any], silos: int, data_dir: str | os.PathLike | None, silo_data: list[str] | None
+) -> list[str] | None:
+    """Each silo's own data folder, handed to its SuperNode alone (node config ``data-dir``):
+    ``--silo-data`` (one per silo), or for user data the folders a ``silos.toml`` under
+    ``data_dir`` lists. None: every silo reads the shared ``data_dir`` (a built-in dataset)."""
+    if silo_data:
+        if len(silo_data) != silos:
+            raise UserError(
+                f"--silo-data gives {len(silo_data)} folders for {silos} silos: one folder per silo"
+            )
+        missing = [d for d in silo_data if not os.path.isdir(d)]
+        if missing:
+            raise UserError(f"--silo-data: {missing[0]} is not a folder")
+        return [os.path.abspath(d) for d in silo_data]
+    custom = str(overrides.get("dataset", app_config_defaults().get("dataset"))) == "custom"
+    if not custom:
+        return None
+    from common.silos import silo_folders
+
+    root = os.fspath(data_dir) if data_dir else os.environ.get("ADADPIGU_DATA_DIR", "data")
+    folders = silo_folders(root)
+    if folders is None:
+        raise UserError(
+            f"dataset = 'custom': give each silo its folder (--silo-data DIR ... , one per silo) or a "
+            f"--data-dir whose silos.toml lists them ({root} has none)"
+        )
+    if len(folders) != silos:
+        raise UserError(f"{root}/silos.toml lists {len(folders)} silos; --silos is {silos}")
+    return [os.path.abspath(f) for f in folders]
 
 
 # ----- ports -------------------------------------------------------------------------------
@@ -221,6 +264,7 @@ class _Workspace:
     tls: dict[str, str]
     superlink_security: list[str]
     supernode_security: list[str]
+    silo_dirs: list[str] | None = None  # one data folder per silo: each SuperNode's node-config data-dir
 
 
 def deploy_local(
@@ -237,8 +281,12 @@ def deploy_local(
     host: str = "127.0.0.1",
     grace: float = GRACE_SECONDS,
     certs_dir: str | os.PathLike | None = None,
+    silo_data: list[str] | None = None,
 ) -> dict:
     """Run one federated job on SuperLink + ``silos`` SuperNodes started as local processes.
+
+    ``silo_data`` (or, for ``dataset = "custom"``, the folders of ``data_dir``'s ``silos.toml``):
+    one data folder per silo, handed to that silo's SuperNode alone (node config ``data-dir``).
 
     ``cfg_overrides`` are run-config keys of ``[tool.flwr.app.config]`` (kebab-case).
     A port of 0 picks a free one (SuperNodes: one each). ``data_dir`` is exported as
@@ -253,12 +301,14 @@ def deploy_local(
     """
     # 1. check everything that can be checked before a process starts
     _check_positive(silos=silos, timeout=timeout)
-    overrides = resolve_run_config(cfg_overrides, silos=silos, data_dir=data_dir)
+    dirs = silo_dirs_for(cfg_overrides, silos, data_dir, silo_data)
+    overrides = resolve_run_config(cfg_overrides, silos=silos, data_dir=data_dir, silo_dirs=dirs)
     superlink_port, node_ports = _plan_ports(host, superlink_port, base_supernode_port, silos)
     tls = _tls_files(certs_dir)
     t0, t_wall = time.monotonic(), time.time()
     deadline = t0 + timeout
     ws = _workspace(overrides, host, superlink_port, tls, data_dir, flwr_home)
+    ws.silo_dirs = dirs
 
     # 2. start, watch, stop
     run = _start_watch_stop(
@@ -469,7 +519,8 @@ def _start_topology(
                 "--port",
                 str(port),
                 "--node-config",
-                f"partition-id={i} num-partitions={silos}",
+                f"partition-id={i} num-partitions={silos}"
+                + (f" data-dir={json.dumps(ws.silo_dirs[i])}" if ws.silo_dirs else ""),
             ],
         )
         for i, port in enumerate(node_ports)
@@ -574,6 +625,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         data_dir=args.data_dir,
         certs_dir=args.certs_dir,
+        silo_data=args.silo_data,
     )
     summary = result["summary"]
     if args.json:
@@ -617,6 +669,14 @@ def register(sub, add_config_flags, config_from_args) -> None:
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="stop everything after this many seconds")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $ADADPIGU_DATA_DIR)")
+    p.add_argument(
+        "--silo-data",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="one data folder per silo, each handed to its own SuperNode only (dataset = 'custom' "
+        "default: the folders of --data-dir's silos.toml)",
+    )
     p.add_argument(
         "--certs-dir", default=None, help="TLS certificates from deploy/gen_certs.sh (default: insecure)"
     )

@@ -39,7 +39,9 @@ def _check(cfg, fed: FederatedConfig, num_supernodes, num_cpus, num_gpus, ray_nu
         )
 
 
-def preflight(cfg, fed: FederatedConfig, silos: int, *, data_dir: str | None = None) -> None:
+def preflight(
+    cfg, fed: FederatedConfig, silos: int, *, data_dir: str | None = None, silo_dirs: list[str] | None = None
+) -> None:
     """The checks of a federated run that need no process: settings that fail only together,
     every silo's plan (as centrally) and its noise, a resume. ``simulate`` and
     ``deploy-local`` run it before they start anything; the server checks again."""
@@ -50,7 +52,11 @@ def preflight(cfg, fed: FederatedConfig, silos: int, *, data_dir: str | None = N
         raise ConfigError("min-available-nodes", need, f"cannot exceed the number of silos ({silos})")
     if fed.dp_noise == "distributed" and fed.secagg_survivors > silos:
         raise ConfigError("secagg-survivors", fed.secagg_survivors, f"exceeds the number of silos ({silos})")
-    plans = check_silo_plans(cfg, fed, silos, data_dir=data_dir)
+    plans = check_silo_plans(cfg, fed, silos, data_dir=data_dir, silo_dirs=silo_dirs)
+    if fed.server_test(cfg) not in (None, "builtin"):
+        from server.runner import server_test_set
+
+        server_test_set(cfg, fed)  # the coordinator's test set is read (and checked) before anything runs
     if cfg.private:  # the noise of each distinct plan (calibrated, or the fixed one checked)
         distinct = {(p.sample_rate, p.local_steps): (i, p) for i, p in enumerate(plans)}
         for i, plan in distinct.values():

@@ -41,10 +41,10 @@ CASES = {
     "zero epochs": (["train", "--epochs", "0"], "epochs"),
     "bad delta": (["train", "--delta", "2"], "delta"),
     "decreasing schedule": (["train", "--schedule", "steps:0.9,0.5"], "re-frozen"),
-    "negative alpha": (["train", "--alpha", "-1"], "alpha"),
+    "negative alpha": ([*SMALL_SIM, "--alpha", "-1"], "alpha"),
     "bad seed": (["train", "--seed", "-5"], "seed"),
     "not a number": (["train", "--lr", "fast"], "lr"),
-    "unknown partitioner": (["train", "--partitioner", "random"], "partitioner"),
+    "unknown partitioner": ([*SMALL_SIM, "--partitioner", "random"], "partitioner"),
     "missing data": (
         ["train", "--data-dir", "/nonexistent/adadpigu", "--epochs", "1"],
         "could not be downloaded",
@@ -141,7 +141,7 @@ CASES = {
     "simulate: momentum without fedavgm": (["simulate", "--server-momentum", "0.9"], "server-momentum"),
     "simulate: negative local steps": (["simulate", "--local-steps", "-1"], "local-steps"),
     "simulate: bad lr schedule": (["simulate", "--lr-schedule", "warm"], "lr-schedule"),
-    "simulate: a centralized-only setting": (["simulate", "--epochs", "5"], "centralized training only"),
+    # (simulate does not offer --epochs at all: tests/simulations/test_cli.py)
     "deploy-local: a centralized-only setting": (
         ["deploy-local", "--silos", "2", "--run-config", "pretrain-fraction=0.2"],
         "pretrain-fraction",
