@@ -376,6 +376,7 @@ def _silo_counts(
                 f"{root} has no silos.toml: a simulation of user data reads one folder per silo, listed "
                 "in silos.toml (adadpigu split writes them)"
             )
+        run_schema = schema_of(cfg.dataset, cfg.schema)
         out = []
         for pid in range(num_partitions):
             try:
@@ -385,6 +386,11 @@ def _silo_counts(
                     s = load_silo(cfg, pid, num_partitions, data_dir=root)
             except DataError as exc:
                 raise DataError(f"silo {pid}: {exc}") from None
+            if s.schema is not None and s.schema.digest() != run_schema.digest():
+                raise DataError(
+                    f"silo {pid}: the schema it holds ({s.schema.source or s.folder}) differs from the run's "
+                    f"({run_schema.source}): every silo must hold the same public schema"
+                )
             out.append((len(s.train) + len(s.validation) + len(s.test), len(s.train), s.declared))
         return out
     from common.partition import partition_indices

@@ -52,6 +52,9 @@ def preflight(
         raise ConfigError("min-available-nodes", need, f"cannot exceed the number of silos ({silos})")
     if fed.dp_noise == "distributed" and fed.secagg_survivors > silos:
         raise ConfigError("secagg-survivors", fed.secagg_survivors, f"exceeds the number of silos ({silos})")
+    from common.models import build_model_for
+
+    build_model_for(cfg)  # the model (a user's factory: imported and checked) before any data or process
     plans = check_silo_plans(cfg, fed, silos, data_dir=data_dir, silo_dirs=silo_dirs)
     if fed.server_test(cfg) not in (None, "builtin"):
         from server.runner import server_test_set
