@@ -214,7 +214,7 @@ def load_silo(
 def _own_silo(cfg: TrainConfig, partition_id: int, num_partitions: int, root: str) -> LocalSplits:
     """A silo's own folder read with the schema it holds (its ``schema.toml``, else the run's)."""
     folder = silo_folder(root, partition_id, num_partitions)
-    schema = silo_schema(folder, schema_of(cfg.dataset, cfg.schema), root if folder != root else None)
+    schema = silo_schema(folder, lambda: schema_of(cfg.dataset, cfg.schema), root if folder != root else None)
     parts = _own_splits(folder, schema, cfg.validation_fraction, cfg.test_fraction)
     label = f"{schema.name}-{schema.digest()[:12]}-{os.path.basename(os.path.normpath(folder))}"
     train = take_subset(parts.train, cfg.train_subset)

@@ -149,12 +149,13 @@ def write_silo_file(folder: str, declared: int, name: str) -> None:
         )
 
 
-def silo_schema(folder: str, run_schema: Schema, root: str | None = None) -> Schema:
-    """The schema this silo holds: its own ``schema.toml`` (or its root's), else the run's."""
+def silo_schema(folder: str, run_schema, root: str | None = None) -> Schema:
+    """The schema this silo holds: its own ``schema.toml`` (or its root's), else the run's
+    (``run_schema``: a callable, so that a silo with its own copy never needs the run's file)."""
     for base in (folder, root):
         if base and os.path.isfile(os.path.join(base, SCHEMA_FILE)):
             return load_schema(os.path.join(base, SCHEMA_FILE))
-    return run_schema
+    return run_schema()
 
 
 # ----- reading, with the tensor cache ---------------------------------------------------------

@@ -11,12 +11,15 @@ Standard library only. Checks:
   ``--expect-failed`` a run that stopped early must say why: ``stop_reason`` ``clients: ...``),
   ``max_epsilon`` within the target, the final test accuracy above ``--min-accuracy``.
 * ``metrics.json``: rounds 0..R in order, epsilon never decreasing and within the target.
-* ``ledger.json``: one account per silo (``silo-0`` .. ``silo-{N-1}``), each round charged at
-  most once, ``total_steps`` the running sum of ``steps``, epsilon never decreasing and
+* ``ledger.json``: one account per silo (``silo-0`` .. ``silo-{N-1}``), each round's training
+  charged at most once (a noisy validation or federated test release, sample rate 1, is an
+  entry of its own: at most one of each per round), ``total_steps`` the running sum of ``steps``, epsilon never decreasing and
   within the target, the ledger's ``max_epsilon`` the largest account; and for every round,
   the silos charged are exactly as many as the clients the round was sent to (``clients``
   in metrics): nothing double-charged, nothing charged for a silo that was not asked.
 * ``--expect-failed``: some round counted a failed client (a SuperNode stopped mid-run).
+* ``--federated-test``: the test accuracy is the silos' federated release (no central test
+  set), reported with the std of its noise.
 
 Prints one JSON line with what it found; exit code 1 and one line per problem otherwise.
 """
@@ -47,6 +50,7 @@ def check(
     rounds: int,
     min_accuracy: float = 0.0,
     expect_failed: bool = False,
+    federated_test: bool = False,
 ) -> tuple[list[str], dict]:
     """Problems found (empty = fine) and a short report."""
     try:
@@ -60,6 +64,14 @@ def check(
     _check_summary(summary, ledger, target, silos, rounds, min_accuracy, expect_failed, problems)
     failed = _check_metrics(metrics, summary.get("rounds_completed"), target, expect_failed, problems)
     per_silo = _check_ledger(ledger, metrics, target, silos, problems)
+    if federated_test and not (
+        str(summary.get("test_source", "")).startswith("federated")
+        and float(summary.get("test_accuracy_std") or 0) > 0
+    ):
+        problems.append(
+            f"summary: test_source {summary.get('test_source')!r}, std {summary.get('test_accuracy_std')}: "
+            "expected a noisy federated test release"
+        )
     report = {
         "run": run.name,
         "silos": silos,
@@ -68,6 +80,7 @@ def check(
         "max_epsilon": summary.get("max_epsilon"),
         "target_epsilon": target,
         "test_accuracy_final": summary.get("test_accuracy_final"),
+        "test_source": summary.get("test_source"),
         "failed_clients": failed,
         "charged_rounds": per_silo,
     }
@@ -129,9 +142,10 @@ def _check_ledger(ledger: dict, metrics: list, target: float, silos: int, proble
     per_silo: dict[str, list[int]] = {}
     for name, acct in sorted(accounts.items()):
         rows = acct.get("rounds", [])
-        per_silo[name] = [int(r["round"]) for r in rows]
+        training = [r for r in rows if float(r.get("sample_rate", 0)) < 1]
+        per_silo[name] = [int(r["round"]) for r in training]
         _check_account(name, acct, rows, target, problems)
-        for r in rows:
+        for r in training:
             charged[int(r["round"])] = charged.get(int(r["round"]), 0) + 1
     if accounts:
         top = max(float(a.get("epsilon", 0.0)) for a in accounts.values())
@@ -152,7 +166,13 @@ def _check_ledger(ledger: dict, metrics: list, target: float, silos: int, proble
 
 def _check_account(name: str, acct: dict, rows: list, target: float, problems: list[str]) -> None:
     seen = [int(r["round"]) for r in rows]
-    if len(set(seen)) != len(seen) or seen != sorted(seen):
+    trained = [int(r["round"]) for r in rows if float(r.get("sample_rate", 0)) < 1]
+    released = [int(r["round"]) for r in rows if float(r.get("sample_rate", 0)) >= 1]
+    if (
+        len(set(trained)) != len(trained)
+        or seen != sorted(seen)
+        or any(released.count(r) > 2 for r in released)
+    ):
         problems.append(f"ledger: {name} charged rounds {seen} (a round twice, or out of order)")
     steps, eps_prev = 0, 0.0
     for r in rows:
@@ -173,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, required=True, help="rounds the plan asked for")
     parser.add_argument("--min-accuracy", type=float, default=0.0, help="final test accuracy must exceed it")
     parser.add_argument("--expect-failed", action="store_true", help="a SuperNode was stopped during the run")
+    parser.add_argument(
+        "--federated-test", action="store_true", help="no central test set: a noisy federated release"
+    )
     args = parser.parse_args(argv)
     problems, report = check(
         args.run_dir,
@@ -180,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         min_accuracy=args.min_accuracy,
         expect_failed=args.expect_failed,
+        federated_test=args.federated_test,
     )
     print(json.dumps(report))
     for p in problems:

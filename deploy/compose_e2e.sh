@@ -7,7 +7,9 @@
 #   --quick  (default) 2 silos from the unchanged docker-compose.yml: a run with one SuperNode
 #            stopped mid-round (and started again after the round), then a run on both silos
 #            (the restarted one included); 3 silos with TLS (generated docker-compose.yml and
-#            docker-compose.tls.yml for 3 silos, certificates from deploy/gen_certs.sh)
+#            docker-compose.tls.yml for 3 silos, certificates from deploy/gen_certs.sh); 2 silos each
+#            with its own data folder (Chem97 split by education authority with `adadpigu split`,
+#            a compose file from make_compose.py --own-data, no central test set)
 #   --full   also a 2-silo run before the fault, 3 silos without TLS, and the committed
 #            2-silo TLS pair (docker-compose.yml + docker-compose.tls.yml)
 #   --keep-images DIR  keep the engine's storage (images) in DIR for the next call, which
@@ -34,8 +36,8 @@
 # /etc/ssl/certs/ca-certificates.crt) is mounted into the build for pip, never copied into an
 # image. The host's local pip sources (file:// indexes and find-links of `pip config list`) are
 # mounted read-only into the build and tried first, so a wheel that is on disk is not downloaded.
-# Environment: E2E_SCENARIOS (a subset of "basic2 fault2 tls3 plain3 tls2 auth2"; --quick runs
-# "fault2 tls3", --full all), E2E_FLWR_IMAGES=standin|pull|auto (auto), E2E_DEBIAN_MIRROR, E2E_BUILD_ARGS
+# Environment: E2E_SCENARIOS (a subset of "basic2 fault2 tls3 plain3 tls2 auth2 own2"; --quick runs
+# "fault2 tls3 own2", --full all), E2E_FLWR_IMAGES=standin|pull|auto (auto), E2E_DEBIAN_MIRROR, E2E_BUILD_ARGS
 # (extra `podman build` arguments for the app image), E2E_STORAGE_DRIVER (overlay),
 # E2E_OCI_RUNTIME (runc), E2E_RUN_TIMEOUT (seconds per `flwr run`, 600).
 set -euo pipefail
@@ -66,8 +68,8 @@ mkdir -p "$LOGS"
 LOGS="$(cd "$LOGS" && pwd)"
 T_START=$SECONDS
 case "$MODE" in
-  quick) SCENARIOS="${E2E_SCENARIOS:-fault2 tls3}" ;;
-  full) SCENARIOS="${E2E_SCENARIOS:-basic2 fault2 tls3 plain3 tls2 auth2}" ;;
+  quick) SCENARIOS="${E2E_SCENARIOS:-fault2 tls3 own2}" ;;
+  full) SCENARIOS="${E2E_SCENARIOS:-basic2 fault2 tls3 plain3 tls2 auth2 own2}" ;;
 esac
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
@@ -534,6 +536,37 @@ fi
 want tls3 && three_silos e2e3tls tls 3 "$WORK/compose-3.yml" "$WORK/compose-3.tls.yml"
 want plain3 && three_silos e2e3 plain 3 "$WORK/compose-3.yml"
 want tls2 && three_silos e2e2tls tls 2 "$ROOT/docker-compose.yml" "$ROOT/docker-compose.tls.yml"
+
+# ----- 2 silos, each with its own data folder -------------------------------------------------------
+# Chem97 split by education authority into two per-silo CSV folders (adadpigu split: each with its
+# silo.toml and its copy of the schema); every ClientApp mounts its own folder only, the ServerApp
+# none of them, and the test accuracy is the silos' noisy federated release.
+own_data_scenario() {
+  local name=e2eown own="$WORK/own"
+  step "2 silos, own data: adadpigu split (Chem97 by education authority, CSV)"
+  rm -rf "$own"
+  "$(dirname "$FLWR")/adadpigu" split --dataset custom --schema "$ROOT/simulations/schemas/chem97.toml" \
+    --source "$DATA/chem97/chem97.csv" --partitioner column --by lea --silos 2 --format csv --out "$own" \
+    >>"$LOGS/split.log" 2>&1 || die "adadpigu split failed: $(tail -3 "$LOGS/split.log")"
+  chmod -R a+rX "$own" # the containers' `app` user (uid 49999) reads them
+  mkdir -p "$WORK/server-data"
+  python3 "$ROOT/deploy/make_compose.py" --silos 2 --own-data -o "$WORK/compose-own2.yml"
+  export ADADPIGU_SILO_DATA_1="$own/silo-0" ADADPIGU_SILO_DATA_2="$own/silo-1" ADADPIGU_SERVER_DATA_DIR="$WORK/server-data"
+  PROJECT_FILES="-f $WORK/compose-own2.yml"
+  PORT=""
+  step "2 silos, own data: compose up"
+  # shellcheck disable=SC2086
+  up "$name" 2 plain $PROJECT_FILES
+  step "2 silos, own data: run (2 rounds, federated test)"
+  submit "$name" "dataset='custom' schema='simulations/schemas/chem97.toml' model='logreg' features='pixels' test-fraction=0.2 num-server-rounds=2 importance-rounds=1 batch-size=128 lr=0.5 clip-norm=1.0 epsilon=3.0 accountant='rdp' seed=0 min-available-nodes=2 min-train-nodes=2"
+  # 6 grades, the commonest 21.5%: above 0.22 the model learned something; its noise std is ~0.002
+  finish "$name" "$name" --silos 2 --rounds 2 --min-accuracy 0.22 --federated-test
+  step "2 silos, own data: compose down -v"
+  # shellcheck disable=SC2086
+  compose "$name" $PROJECT_FILES down -v >>"$LOGS/compose.log" 2>&1 || die "down -v $name failed"
+  unset 'PROJECTS[-1]'
+}
+want own2 && own_data_scenario
 
 # ----- 2 silos, TLS and SuperNode authentication: registered keys only ----------------------------
 # The restarted SuperNode comes back under its registered key, i.e. as the same node, and

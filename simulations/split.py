@@ -9,8 +9,9 @@ cross-silo splits of :mod:`common.partition` (IID, Dirichlet, pathological, size
 consecutive values. Formats: ``imagefolder`` (PNG), ``npz``, ``hf`` (``save_to_disk``) for
 images; ``csv``, ``parquet``, ``hf``, ``npz`` (numeric features only) for tables.
 
-Written: ``<out>/silo-<i>/`` (each a complete dataset, with its ``silo.toml`` declaring its
-size rounded to two significant digits, the kind of figure an owner states publicly),
+Written: ``<out>/silo-<i>/`` (each a complete dataset, with its copy of the schema and its
+``silo.toml`` declaring its size rounded to two significant digits, the kind of figure an
+owner states publicly: a folder that can be moved to the silo's own machine as it is),
 ``<out>/silos.toml`` (the order), ``<out>/schema.toml`` (the public schema) and, for a
 built-in source, ``<out>/server-test/`` (its test split: the coordinator's own test set,
 ``server-test-data``). An existing non-empty ``<out>`` is refused.
@@ -294,6 +295,8 @@ def split(args: argparse.Namespace) -> dict:
             name = f"silo-{i}"
             n = write_subset(source, idx, os.path.join(out, name), args.format)
             write_silo_file(os.path.join(out, name), public_round(n), name)
+            with open(os.path.join(out, name, "schema.toml"), "w") as fh:  # each silo holds its copy
+                fh.write(schema_toml(source.schema))
             folders.append(name)
             sizes.append(n)
         write_silos_file(out, folders)

@@ -201,6 +201,23 @@ def test_generator_structure(silos):
     check_structure(merge_tls(base, yaml.safe_load(make_compose.compose_tls(silos))), silos, tls=True)
 
 
+@pytest.mark.parametrize("silos", [2, 3])
+def test_own_data_gives_each_clientapp_its_own_folder_and_the_server_none(silos):
+    """--own-data (issue 26): silo i's ClientApp mounts ADADPIGU_SILO_DATA_i read-only at /data and
+    no other container mounts it; the ServerApp mounts the coordinator's folder, no silo's."""
+    doc = yaml.safe_load(make_compose.compose(silos, own_data=True))
+    check_structure(doc, silos)
+    services = doc["services"]
+    for i in range(1, silos + 1):
+        own = f"${{ADADPIGU_SILO_DATA_{i}:-./silos/silo-{i - 1}}}:/data:ro"
+        holders = [name for name, svc in services.items() if own in _volumes(svc)]
+        assert holders == [f"superexec-clientapp-{i}"]
+    assert (
+        _volumes(services["superexec-serverapp"])[0] == "${ADADPIGU_SERVER_DATA_DIR:-./server-data}:/data:ro"
+    )
+    assert not any("ADADPIGU_DATA_DIR:-" in v for svc in services.values() for v in _volumes(svc))
+
+
 def test_generator_cli(tmp_path):
     out = tmp_path / "c.yml"
     assert make_compose.main(["--silos", "4", "-o", str(out)]) == 0
