@@ -226,7 +226,7 @@ def register(sub, add_config_flags, config_from_args) -> None:
     # config_from_args))
     import importlib
 
-    for module in ("simulations.deploy", "simulations.plots", "simulations.split"):
+    for module in ("simulations.deploy", "simulations.plots", "simulations.split", "simulations.alone"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
