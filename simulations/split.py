@@ -75,6 +75,13 @@ def load_source(args: argparse.Namespace) -> Source:
         schema = builtin_schema(args.dataset)
         x, y = _read_files(args.dataset, os.path.abspath(args.data_dir), True)
         tx, ty = _read_files(args.dataset, os.path.abspath(args.data_dir), False)
+        if getattr(args, "subset", 0):  # the examples train-subset = N keeps (common.data.take_subset)
+            keep = (
+                torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[: args.subset]
+                .sort()
+                .values
+            )
+            x, y = x[keep.numpy()], y[keep.numpy()]
         return Source(
             schema,
             torch.from_numpy(y.copy()),
@@ -358,6 +365,12 @@ def register(sub, add_config_flags, config_from_args) -> None:
     p.add_argument("--classes-per-silo", type=int, default=2, help="pathological: classes per silo")
     p.add_argument("--min-silo-size", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--subset",
+        type=int,
+        default=0,
+        help="a built-in dataset: only the examples train-subset = N uses (0 = all)",
+    )
     p.add_argument("--format", required=True, choices=sorted({*IMAGE_FORMATS, *TABLE_FORMATS}))
     p.add_argument("--out", required=True, help="a new folder")
     p.add_argument("--json", action="store_true")
