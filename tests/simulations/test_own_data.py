@@ -418,3 +418,35 @@ def test_split_writes_exactly_the_built_in_partitions_examples(tmp_path, data_di
             return sorted((int(label), tuple(img.flatten().tolist())) for img, label in zip(x, y))
 
         assert rows(ours.x, ours.y) == rows(theirs_x, theirs_y), pid
+
+
+@pytest.mark.parametrize(
+    "fed_kw",
+    [
+        {"dp_noise": "distributed", "local_steps": 1, "secagg_key_rounds": 2},
+        {"server_optimizer": "fedadam", "server_lr": 0.05, "local_steps": 2},
+    ],
+    ids=["secure-aggregation", "fedadam"],
+)
+def test_adadpigu_masks_secure_aggregation_and_server_optimizers_run_on_a_user_model(
+    fed_kw, tmp_path, chem_silos
+):
+    cfg = TrainConfig(
+        method="adadpigu", dataset="custom", schema=CHEM97_SCHEMA, model=USER_TABLE_MODEL, test_fraction=0.2,
+        batch_size=128, lr=0.5, clip_norm=1.0, epsilon=8.0, seed=0, data_dir=chem_silos, out_dir=str(tmp_path),
+    )  # fmt: skip
+    fed = FederatedConfig(
+        num_server_rounds=4,
+        importance_rounds=1,
+        min_available_nodes=3,
+        min_train_nodes=3,
+        startup_timeout=30,
+        **fed_kw,
+    )
+    summary = run_federated(grid_on(chem_silos, 3), cfg, fed, log_fn=lambda s: None)
+    assert summary["stop_reason"] == "completed" and summary["max_epsilon"] <= 8.0
+    rows = json.load(open(os.path.join(summary["run_dir"], "metrics.json")))
+    assert (
+        rows[-1]["mask_version"] >= 1 and rows[2]["active_ratio"] < 1.0
+    )  # the mask came from the importance round
+    assert 0.15 < summary["test_accuracy_final"] <= 1.0
