@@ -1,9 +1,13 @@
-"""One optimizer step: non-private, our dpsgd, our adadpigu (r = 0.6), and Opacus DP-SGD.
+"""One optimizer step: non-private, our dpsgd and adadpigu (r = 0.6) as the engine runs them
+(ghost clipping where the model allows, common/ghost.py) and with materialised per-sample rows
+(``-rows``), Opacus DP-SGD with per-sample gradients (hooks) and with ghost clipping, and the
+documented functional API (``private_gradient``).
 
 Same model, same fixed batch (no Poisson sampling, so every method sees B examples);
 median wall time of ``--iters`` steps after ``--warmup`` steps; peak memory (CUDA: max
 allocated; CPU: peak RSS of a fresh subprocess per row). Ratios are to the non-private
-step and to Opacus (flat-clipping DP-SGD with hooks, the external reference).
+step and to Opacus (flat-clipping DP-SGD with hooks, the external reference); the
+``ratio_opacus_ghost`` column to Opacus' ghost clipping (``grad_sample_mode="ghost"``).
 
     python -m benchmarks.bench_step --json                 # full grid (slow on a CPU)
     python -m benchmarks.bench_step --smoke --json         # tiny, seconds (CI)
@@ -28,9 +32,24 @@ import torch.nn.functional as F
 
 # "api": the documented functional API (per_sample_grads + privatize_step on a flat [B, d]
 # matrix, then an SGD step), DP-SGD like "dpsgd"
-METHODS = ("nonprivate", "dpsgd", "adadpigu", "opacus", "api")
-MODELS = {"mnist-cnn": "mnist", "cifar-cnn": "cifar10", "resnet18-gn": "cifar10"}
+METHODS = ("nonprivate", "dpsgd", "adadpigu", "dpsgd-rows", "adadpigu-rows", "opacus", "opacus-ghost", "api")
+MODELS = {
+    "mnist-cnn": "mnist",
+    "cifar-cnn": "cifar10",
+    "resnet18-gn": "cifar10",
+    "scatter-linear": "cifar10",  # on CIFAR-10's ScatterNet features (243 x 8 x 8)
+    "scatter-cnn": "cifar10",
+}
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def input_shape(model_name: str) -> tuple[int, ...]:
+    shape = SHAPES[MODELS[model_name]]
+    if model_name.startswith("scatter-"):
+        from common.scatter import feature_shape
+
+        return feature_shape(shape)
+    return shape
 
 
 def _sync(device: torch.device) -> None:
@@ -48,9 +67,11 @@ def make_step(method: str, model_name: str, batch: int, device: torch.device, ch
 
     torch.manual_seed(0)
     dataset = MODELS[model_name]
-    x = torch.randn(batch, *SHAPES[dataset], device=device)
+    x = torch.randn(batch, *input_shape(model_name), device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     model = build_model(model_name, dataset).to(device)
+    if method == "opacus-ghost":
+        return _opacus_ghost_step(model, x, y, batch, chunk)
     if method == "opacus":
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -79,8 +100,11 @@ def make_step(method: str, model_name: str, batch: int, device: torch.device, ch
         return step
     if method == "api":
         return _api_step(model, x, y, batch, chunk, device)
+    backend = "native" if method.endswith("-rows") else "auto"
+    method = method.removesuffix("-rows")
     cfg = TrainConfig(
-        method=method if method != "adadpigu" else "adadpigu",
+        method=method,
+        per_sample_backend=backend,
         epsilon=None if method != "nonprivate" else 8.0,
         noise_multiplier=1.0 if method != "nonprivate" else None,
         batch_size=batch,
@@ -115,31 +139,58 @@ def make_step(method: str, model_name: str, batch: int, device: torch.device, ch
     return adaptive
 
 
+def _opacus_ghost_step(model, x, y, batch: int, chunk: int):
+    """Opacus' ghost clipping (``grad_sample_mode="ghost"``: GradSampleModuleFastGradientClipping,
+    its optimizer and loss wrapper), physical batches of ``chunk`` as virtual steps."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=0.1, use_ghost_clipping=True
+        )
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(gsm.parameters(), lr=0.1, momentum=0.9),
+        noise_multiplier=1.0,
+        max_grad_norm=0.1,
+        expected_batch_size=batch,
+        loss_reduction="mean",
+    )
+    criterion = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(), "mean")
+
+    def step() -> None:
+        for i in range(0, batch, chunk):
+            opt.zero_grad(set_to_none=True)
+            criterion(gsm(x[i : i + chunk]), y[i : i + chunk]).backward()
+            opt.signal_skip_step(do_skip=i + chunk < batch)
+            opt.step()
+
+    return step
+
+
 def _api_step(model, x, y, batch: int, chunk: int, device: torch.device):
-    """One DP-SGD step through the public functions only (what a user of the API writes)."""
+    """One DP-SGD step through the public functions only (what a user of the API writes):
+    ``private_gradient``, the engine's path (ghost clipping where the model allows)."""
     from common.engine import make_generator, per_example_loss
-    from common.per_sample import per_sample_grad_matrix
-    from common.privacy import privatize_step
+    from common.ghost import private_gradient
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     gen = make_generator(0, "n", device=device)
 
     def step() -> None:
-        rows = [
-            per_sample_grad_matrix(model, per_example_loss, x[i : i + chunk], y[i : i + chunk])
-            for i in range(0, batch, chunk)
-        ]
-        released = privatize_step(
-            rows[0] if len(rows) == 1 else torch.cat(rows),
-            consume=True,
-            mask=None,
-            center=None,
-            scale=None,
+        released = private_gradient(
+            model,
+            per_example_loss,
+            x,
+            y,
             clip_norm=0.1,
             noise_multiplier=1.0,
             expected_batch_size=batch,
             generator=gen,
+            max_physical_batch=chunk,
         )
         for p, v in zip(params, torch.split(released, [p.numel() for p in params])):
             p.grad = v.view_as(p)
@@ -184,7 +235,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for model in args.models:
         for batch in args.batch_sizes:
             res = {}
-            for method in METHODS:
+            for method in args.methods:
                 if args.in_process:
                     res[method] = measure(
                         method,
@@ -197,15 +248,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                     )
                 else:
                     res[method] = _measure_in_subprocess(args, method, model, batch)
-            for method in METHODS:
+            for method in args.methods:
                 row = {
                     "model": model,
                     "batch_size": batch,
                     "method": method,
                     "median_ms": round(res[method]["median_ms"], 3),
                     "peak_mb": round(res[method]["peak_mb"], 1),
-                    "ratio_nonprivate": round(res[method]["median_ms"] / res["nonprivate"]["median_ms"], 3),
-                    "ratio_opacus": round(res[method]["median_ms"] / res["opacus"]["median_ms"], 3),
+                    **{
+                        f"ratio_{ref.replace('-', '_')}": (
+                            round(res[method]["median_ms"] / res[ref]["median_ms"], 3) if ref in res else None
+                        )
+                        for ref in ("nonprivate", "opacus", "opacus-ghost")
+                    },
                     "device": args.device,
                     "threads": torch.get_num_threads(),
                 }
@@ -214,9 +269,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     print(json.dumps(row), flush=True)
                 else:
                     print(
-                        f"{model:12s} B={batch:5d} {method:10s} {row['median_ms']:9.2f} ms  "
-                        f"{row['peak_mb']:8.1f} MB  x{row['ratio_nonprivate']:.2f} non-private  "
-                        f"x{row['ratio_opacus']:.2f} Opacus",
+                        f"{model:14s} B={batch:5d} {method:13s} {row['median_ms']:9.2f} ms  "
+                        f"{row['peak_mb']:8.1f} MB  x{row['ratio_nonprivate'] or 0:.2f} non-private  "
+                        f"x{row['ratio_opacus'] or 0:.2f} Opacus  x{row['ratio_opacus_ghost'] or 0:.2f} Opacus ghost",
                         flush=True,
                     )
     return rows
@@ -238,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "--in-process", action="store_true", help="no subprocess per row (peak RSS is then cumulative)"
     )
     p.add_argument("--out", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:

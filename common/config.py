@@ -52,7 +52,7 @@ IMPORTANCE = ("squared", "abs")
 SCALE_RULES = ("optimal", "sqrt")
 MASK_SCOPES = ("global", "per-layer")
 DEVICES = ("auto", "cpu", "cuda")
-PER_SAMPLE_BACKENDS = ("auto", "native", "hooks", "functorch")
+PER_SAMPLE_BACKENDS = ("auto", "ghost", "native", "hooks", "functorch")
 # how a data holder's records become silos: a split of a built-in dataset, "none" (each silo
 # trains on all of its local records: its own folder), or "auto" (built-in: iid; custom: none)
 SPLITTING_PARTITIONERS = ("iid", "dirichlet", "pathological", "size-skew")
@@ -893,7 +893,7 @@ HELP: dict[str, str] = {
     "silo-size-tolerance": "a silo refuses to run when its records differ from its declared size by more than this fraction",
     "seed": "-1 = OS randomness (real releases); >= 0 reproducible, for experiments only",
     "device": "auto | cpu | cuda",
-    "per-sample-backend": "auto | native | hooks | functorch",
+    "per-sample-backend": "auto (ghost clipping where the model allows, else Opacus hooks) | ghost | native (materialised rows) | hooks | functorch",
     "max-physical-batch": "examples per chunk of a Poisson batch (memory); noise once per batch",
     "out-dir": "where run folders are written",
     "num-server-rounds": "federated rounds (importance rounds included)",

@@ -28,6 +28,7 @@ from common.adaclip import AdaClipStatistics
 from common.augment import augment, augmentation_of, mean_over_copies
 from common.config import TrainConfig
 from common.data import TensorData
+from common.ghost import GhostClipper
 from common.masks import ImportanceAccumulator
 from common.per_sample import make_grad_sampler
 from common.privacy import LatticeAccumulator, ReleasedGradient, SegmentAccumulator, release_nonprivate
@@ -141,6 +142,7 @@ class DPEngine:
         self.noise_generator = noise_generator
         self.sampling_generator = sampling_generator
         self.sampler = make_grad_sampler(self.model, cfg.per_sample_backend) if cfg.private else None
+        self.ghost = isinstance(self.sampler, GhostClipper)
         self.importance = (
             ImportanceAccumulator(self.d, cfg.importance, device=device) if cfg.uses_mask else None
         )
@@ -343,6 +345,9 @@ class DPEngine:
                 x, y = augment(x, k, self.augmentation, self.sampling_generator), y.repeat_interleave(k)
                 grads, mean_loss = self.sampler(per_example_loss, x, y)
                 acc.add(mean_over_copies(grads, k), consume=True)
+            elif self.ghost and type(acc) is SegmentAccumulator:
+                # norms and the clipped sum without per-sample gradients where cheaper (common.ghost)
+                mean_loss = self.sampler.accumulate(acc, per_example_loss, x, y)
             else:
                 grads, mean_loss = self.sampler(per_example_loss, x, y)
                 acc.add(grads, consume=True)  # the sampler's scratch rows: standardized in place

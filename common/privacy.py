@@ -231,6 +231,11 @@ class SegmentAccumulator:
         # stage 1's per-coordinate weights, computed once per logical step
         self._weights = _stage1_weights(self.sizes, self.mask, self.center, self.scale, device=device)
 
+    def stage1_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """Per segment ``(w, k)`` of stage 1, ``Z = G ⊙ w + k`` (``w = mask / scale``, ``k = -center
+        ⊙ w``; None: the identity): what a clipper that never forms ``G`` needs (common.ghost)."""
+        return self._weights
+
     def _standardize(self, grads: Segments, consume: bool) -> list[torch.Tensor]:
         if self._weights is None:
             return list(grads)

@@ -18,7 +18,10 @@ def test_bench_step_smoke_produces_every_row():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert {r["method"] for r in rows} == {"nonprivate", "dpsgd", "adadpigu", "opacus", "api"}
+    from benchmarks.bench_step import METHODS
+
+    assert {r["method"] for r in rows} == set(METHODS)
+    assert {"opacus-ghost", "dpsgd-rows", "adadpigu-rows"} <= set(METHODS)
     for r in rows:
         for key in (
             "model",
@@ -28,6 +31,7 @@ def test_bench_step_smoke_produces_every_row():
             "peak_mb",
             "ratio_nonprivate",
             "ratio_opacus",
+            "ratio_opacus_ghost",
         ):
             assert key in r, key
         assert r["median_ms"] > 0 and r["peak_mb"] > 0
