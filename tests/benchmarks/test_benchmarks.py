@@ -157,3 +157,26 @@ def test_bench_secagg_smoke_recovers_the_sum_and_counts_bytes():
     row = measure(3, 1000, 2, 1)  # asserts the unmasked sum internally
     assert row["bits_per_coordinate"] == 32 and row["up_ratio"] >= 1.0
     assert row["key_setup_s"] > 0 and row["unmask_s"] > 0
+
+
+def test_bench_silo_read_smoke_decodes_once_then_reads_the_cache(tmp_path, data_dir):
+    out = tmp_path / "silo-read.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_silo_read",
+            "--smoke",
+            "--data-dir",
+            data_dir,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["data"] for r in rows] == ["mnist", "chem97"] and rows[0]["records"] == 300
+    assert all(r["decode_read_seconds"] > 0 and r["cached_read_seconds_median"] > 0 for r in rows)
