@@ -28,9 +28,8 @@ from common.adaclip import AdaClipStatistics
 from common.augment import augment, augmentation_of, mean_over_copies
 from common.config import TrainConfig
 from common.data import TensorData
-from common.ghost import GhostClipper
+from common.ghost import GhostClipper, make_grad_sampler
 from common.masks import ImportanceAccumulator
-from common.per_sample import make_grad_sampler
 from common.privacy import LatticeAccumulator, ReleasedGradient, SegmentAccumulator, release_nonprivate
 from common.schema import schema_of
 

@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.per_sample import LossFn, NativeGradSampler
+from common.per_sample import (
+    BACKENDS,
+    FuncGradSampler,
+    GradSampler,
+    HookGradSampler,
+    LossFn,
+    NativeGradSampler,
+    UnsupportedLayer,
+)
 
 # the sampler (its hooks) of each model the functional API has seen, built once per model
 _SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -91,13 +99,9 @@ class GhostClipper(NativeGradSampler):
         order = list(self._outputs)
         if len(order) != len(self.layers):
             missing = [m for m in self.layers if m not in self._outputs]
-            from common.per_sample import UnsupportedLayer
-
             raise UnsupportedLayer(f"{type(missing[0]).__name__} was not used in the forward pass")
         for m in order:
             if self._outputs[m]._version != self._versions[m]:
-                from common.per_sample import UnsupportedLayer
-
                 raise UnsupportedLayer(f"the output of {type(m).__name__} is modified in place")
         grads = torch.autograd.grad(total, [self._outputs[m] for m in order])
         return order, dict(zip(order, grads)), float(total.detach()) / max(b, 1)
@@ -244,7 +248,7 @@ def private_gradient(
     backend: str = "auto",
 ) -> torch.Tensor:
     """One DP release of the batch ``(inputs, targets)`` from the model itself: the engine's
-    path (ghost clipping where the model allows, :func:`common.per_sample.make_grad_sampler`),
+    path (ghost clipping where the model allows, :func:`make_grad_sampler`),
     without the ``[B, d]`` matrix of :func:`~common.privacy.privatize_step`. Rows standardized
     on the active coordinates, clipped to ``clip_norm``, summed in chunks of
     ``max_physical_batch``, Gaussian noise of std ``noise_multiplier * clip_norm`` added once,
@@ -257,7 +261,6 @@ def private_gradient(
     >>> g.shape
     torch.Size([8])
     """
-    from common.per_sample import make_grad_sampler
     from common.privacy import SegmentAccumulator
 
     sampler = _SAMPLERS.get(model) if backend == "auto" else None
@@ -278,3 +281,25 @@ def private_gradient(
     return acc.release(
         noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, generator=generator
     ).values
+
+
+def make_grad_sampler(model: nn.Module, backend: str) -> GradSampler:
+    """``auto``: ghost clipping (common.ghost: per-sample norms and the clipped sum without
+    per-sample gradients where that is cheaper, the native rows elsewhere) when every trainable
+    layer has a native rule, else Opacus' hooks. ``ghost`` requires it; ``native`` always
+    materialises the rows. A :class:`~common.ghost.GhostClipper` is also a native sampler:
+    called, it returns the rows (augmentation multiplicity, distributed noise use them)."""
+    if backend in ("auto", "ghost"):
+        try:
+            return GhostClipper(model)
+        except UnsupportedLayer:
+            if backend == "ghost":
+                raise
+            return HookGradSampler(model)
+    if backend == "native":
+        return NativeGradSampler(model)
+    if backend == "hooks":
+        return HookGradSampler(model)
+    if backend == "functorch":
+        return FuncGradSampler(model)
+    raise ValueError(f"unknown per-sample backend '{backend}' ({', '.join(BACKENDS)})")

@@ -339,7 +339,7 @@ def check_user_model(
 def _check_per_sample(model: nn.Module, spec: str, x: torch.Tensor, y: torch.Tensor, backend: str) -> None:
     import copy
 
-    from common.per_sample import make_grad_sampler
+    from common.ghost import make_grad_sampler
 
     def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, t, reduction="none")

@@ -335,27 +335,3 @@ class NativeGradSampler:
 
 GradSampler = HookGradSampler | FuncGradSampler | NativeGradSampler
 BACKENDS = ("auto", "ghost", "native", "hooks", "functorch")
-
-
-def make_grad_sampler(model: nn.Module, backend: str) -> GradSampler:
-    """``auto``: ghost clipping (common.ghost: per-sample norms and the clipped sum without
-    per-sample gradients where that is cheaper, the native rows elsewhere) when every trainable
-    layer has a native rule, else Opacus' hooks. ``ghost`` requires it; ``native`` always
-    materialises the rows. A :class:`~common.ghost.GhostClipper` is also a native sampler:
-    called, it returns the rows (augmentation multiplicity, distributed noise use them)."""
-    if backend in ("auto", "ghost"):
-        from common.ghost import GhostClipper
-
-        try:
-            return GhostClipper(model)
-        except UnsupportedLayer:
-            if backend == "ghost":
-                raise
-            return HookGradSampler(model)
-    if backend == "native":
-        return NativeGradSampler(model)
-    if backend == "hooks":
-        return HookGradSampler(model)
-    if backend == "functorch":
-        return FuncGradSampler(model)
-    raise ValueError(f"unknown per-sample backend '{backend}' ({', '.join(BACKENDS)})")

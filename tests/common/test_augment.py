@@ -10,8 +10,8 @@ from common.augment import PAD, augment, mean_over_copies
 from common.config import TrainConfig
 from common.data import TensorData
 from common.engine import DPEngine, per_example_loss
+from common.ghost import make_grad_sampler
 from common.models import build_model
-from common.per_sample import make_grad_sampler
 
 
 def test_augment_is_a_random_shift_of_the_padded_image_per_copy():

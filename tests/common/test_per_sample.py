@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.ghost import make_grad_sampler
 from common.models import build_model
 from common.per_sample import (
     FuncGradSampler,
     HookGradSampler,
     NativeGradSampler,
     UnsupportedLayer,
-    make_grad_sampler,
     per_sample_grads,
 )
 
