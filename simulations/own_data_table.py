@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pooled", default=None)
     ap.add_argument("--alone", default=None)
     ap.add_argument("--out", required=True, help="path without extension: .csv and .md are written")
+    ap.add_argument("--label", default="federated (10 silos)", help="the federated column's header")
     args = ap.parse_args(argv)
     fed = _runs(args.federated)
     pooled = _runs(args.pooled) if args.pooled else {}
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         w.writeheader()
         w.writerows(rows)
     lines = [
-        "| model | ε per silo | federated (10 silos) | each silo alone | pooled centrally |",
+        f"| model | ε per silo | {args.label} | each silo alone | pooled centrally |",
         "|---|---|---|---|---|",
         *(
             f"| {r['model']} | {r['epsilon']} | {r['federated']} | {r['alone']} | {r['pooled']} |"
