@@ -171,10 +171,19 @@ class _LinearGhost(_Plan):
         a, g = self.a, self.g
         if self.w is None:  # flat: ||g||^2 ||a||^2
             return g.square().sum(1) * a.square().sum(1)
-        # (g^2)^T W^2 (a^2), plus the center's cross term and constant
-        sq = ((g.square() @ self.w.square()) * a.square()).sum(1)
+        # (g^2)^T W^2 (a^2), plus the center's cross term and constant; each product is taken
+        # through the wider side so that its output is [B, narrower side] (one pass over the wide)
+        w2 = self.w.square()
+        if a.shape[1] >= g.shape[1]:
+            sq = ((a.square() @ w2.t()) * g.square()).sum(1)
+            if self.c is not None:
+                sq = sq + 2.0 * ((a @ (self.w * self.c).t()) * g).sum(1)
+        else:
+            sq = ((g.square() @ w2) * a.square()).sum(1)
+            if self.c is not None:
+                sq = sq + 2.0 * ((g @ (self.w * self.c)) * a).sum(1)
         if self.c is not None:
-            sq = sq + 2.0 * ((g @ (self.w * self.c)) * a).sum(1) + self.c.square().sum()
+            sq = sq + self.c.square().sum()
         return sq
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
@@ -211,24 +220,21 @@ class _PositionsGhost(_Plan):
 
 
 class _ConvGhost(_PositionsGhost):
-    """``Conv2d`` weights: the unfolded input as positions; the clipped sum is the layer's
-    ordinary weight gradient of the factor-scaled output gradients."""
+    """``Conv2d`` weights: the unfolded input as positions; the clipped sum is one product of
+    the factor-scaled output gradients and the unfolded input (the layer's weight gradient)."""
 
     def __init__(self, module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> None:
         b = a.shape[0]
         cols = F.unfold(
             a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
         )
-        self.module, self.a, self.g4 = module, a, g
         super().__init__(cols.transpose(1, 2), g.reshape(b, g.shape[1], -1).transpose(1, 2), None)
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
-        m = self.module
-        grad = torch.nn.grad.conv2d_weight(
-            self.a, m.weight.shape, self.g4 * factors[:, None, None, None],
-            stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
-        )  # fmt: skip
-        return grad.reshape(-1)
+        # sum_i f_i g_i U_i^T: one product over (example, position) of the unfolded input
+        b, positions, c_out = self.g.shape
+        gf = (self.g * factors[:, None, None]).reshape(b * positions, c_out)
+        return (gf.t() @ self.u.reshape(b * positions, -1)).reshape(-1)
 
 
 def private_gradient(
