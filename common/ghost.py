@@ -84,28 +84,6 @@ class GhostClipper(NativeGradSampler):
         self._outputs.clear()
         return mean_loss
 
-    def _forward_backward(self, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor):
-        b = inputs.shape[0]
-        self._inputs.clear()
-        self._outputs.clear()
-        self._versions.clear()
-        self._recording = True
-        try:
-            with torch.enable_grad():
-                loss = loss_fn(self.model(inputs), targets)
-        finally:
-            self._recording = False
-        total = loss.sum() if loss.ndim else loss * b
-        order = list(self._outputs)
-        if len(order) != len(self.layers):
-            missing = [m for m in self.layers if m not in self._outputs]
-            raise UnsupportedLayer(f"{type(missing[0]).__name__} was not used in the forward pass")
-        for m in order:
-            if self._outputs[m]._version != self._versions[m]:
-                raise UnsupportedLayer(f"the output of {type(m).__name__} is modified in place")
-        grads = torch.autograd.grad(total, [self._outputs[m] for m in order])
-        return order, dict(zip(order, grads)), float(total.detach()) / max(b, 1)
-
     def _plan(self, module: nn.Module, name: str, a, g, w, c) -> _Plan:
         if name == "bias" and isinstance(module, nn.Linear | nn.Conv2d):
             rows = (

@@ -245,6 +245,22 @@ class NativeGradSampler:
         self, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[list[torch.Tensor], float]:
         b = inputs.shape[0]
+        order, backprops, mean_loss = self._forward_backward(loss_fn, inputs, targets)
+        per_layer: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        for module in order:
+            per_layer[module] = self._layer_grads(module, self._inputs[module], backprops[module])
+        grads = [per_layer[module][name].reshape(b, -1) for module, name in self.owner]
+        self._inputs.clear()
+        self._outputs.clear()
+        return grads, mean_loss
+
+    def _forward_backward(
+        self, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[list[nn.Module], dict[nn.Module, torch.Tensor], float]:
+        """One forward pass recording each layer's input and output, one ``autograd.grad`` to
+        the layer outputs: (layers in call order, their output gradients, the mean loss). The
+        recorded inputs stay in ``self._inputs`` until the caller clears them."""
+        b = inputs.shape[0]
         self._inputs.clear()
         self._outputs.clear()
         self._versions.clear()
@@ -266,13 +282,7 @@ class NativeGradSampler:
                     "use per-sample-backend = 'hooks' or an out-of-place activation"
                 )
         backprops = dict(zip(order, torch.autograd.grad(total, [self._outputs[m] for m in order])))
-        per_layer: dict[nn.Module, dict[str, torch.Tensor]] = {}
-        for module in order:
-            per_layer[module] = self._layer_grads(module, self._inputs[module], backprops[module])
-        grads = [per_layer[module][name].reshape(b, -1) for module, name in self.owner]
-        self._inputs.clear()
-        self._outputs.clear()
-        return grads, float(total.detach()) / max(b, 1)
+        return order, backprops, float(total.detach()) / max(b, 1)
 
     def _layer_grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
         b = a.shape[0]

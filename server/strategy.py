@@ -243,41 +243,39 @@ class AdaDPIGUStrategy(FedAvg):
                 silo.noise_multiplier = sigma
 
     def _warn_if_validation_is_noise(self) -> None:
-        """Noisy validation: the released accuracy is (sum of noisy counts) / (validation
-        examples), with std sigma * sqrt(silos) / examples. When that is more than a point,
-        choosing among rounds on it is mostly choosing on noise: say so before round 1."""
-        if self.validation_phase() is None or not self.silos:
-            return
-        n_val = sum(s.n_val for s in self.silos.values())
-        std = self.fed.validation_noise * math.sqrt(len(self.silos)) / max(n_val, 1)
-        if std > 0.01:
-            log(
-                WARNING,
-                "noisy validation: the released accuracy has a noise std of %.3f (validation-noise %g "
-                "over %d validation examples in %d silos): the best round is chosen mostly on noise; "
-                "use more validation data, a smaller validation-noise or validation-release = 'none'",
-                std,
-                self.fed.validation_noise,
-                n_val,
-                len(self.silos),
-            )
+        """Noisy validation: choosing among rounds on a released accuracy whose noise std is more
+        than a point is mostly choosing on noise: say so before round 1."""
+        if self.validation_phase() is not None:
+            self._warn_if_noise(
+                "noisy validation", self.fed.validation_noise, sum(s.n_val for s in self.silos.values()),
+                "the best round is chosen mostly on noise; use more validation data, a smaller "
+                "validation-noise or validation-release = 'none'",
+            )  # fmt: skip
 
     def warn_if_test_is_noise(self, federated: bool) -> None:
-        """Noisy federated test: the accuracy's noise std is test-noise * sqrt(silos) / test
-        examples; above a point, say so before round 1 (the numbers would be mostly noise)."""
-        if not federated or self.test_phase() is None or not self.silos:
+        """Noisy federated test: above a point of noise std the numbers would be mostly noise."""
+        if federated and self.test_phase() is not None:
+            self._warn_if_noise(
+                "noisy federated test", self.fed.test_noise, sum(s.n_test for s in self.silos.values()),
+                "more test data or a smaller test-noise would help",
+            )  # fmt: skip
+
+    def _warn_if_noise(self, what: str, noise: float, examples: int, advice: str) -> None:
+        """A release of (sum of noisy counts) / examples has noise std noise * sqrt(silos) /
+        examples; above 0.01 a warning before round 1."""
+        if not self.silos:
             return
-        n_test = sum(s.n_test for s in self.silos.values())
-        std = self.fed.test_noise * math.sqrt(len(self.silos)) / max(n_test, 1)
+        std = noise * math.sqrt(len(self.silos)) / max(examples, 1)
         if std > 0.01:
             log(
                 WARNING,
-                "noisy federated test: the released test accuracy has a noise std of %.3f (test-noise %g over "
-                "%d declared test examples in %d silos); more test data or a smaller test-noise would help",
+                "%s: the released accuracy has a noise std of %.3f (noise %g over %d examples in %d silos): %s",
+                what,
                 std,
-                self.fed.test_noise,
-                n_test,
+                noise,
+                examples,
                 len(self.silos),
+                advice,
             )
 
     def validation_phase(self, releases: int = 1) -> Phase | None:

@@ -100,6 +100,21 @@ def _cli(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def _simulate_chem(chem_silos: str, out, *extra: str) -> subprocess.CompletedProcess:
+    """``adadpigu simulate`` of the 3 Chem97 silos with CHEM_SIM's plan."""
+    return _cli(
+        "simulate",
+        "--num-supernodes",
+        "3",
+        "--data-dir",
+        chem_silos,
+        "--out-dir",
+        str(out),
+        *CHEM_SIM,
+        *extra,
+    )
+
+
 def _summary(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -114,19 +129,7 @@ CHEM_SIM = [
 
 def test_simulate_on_per_silo_csv_files_with_a_user_model_and_no_central_test_set(tmp_path, chem_silos):
     out = tmp_path / "runs"
-    summary = _summary(
-        _cli(
-            "simulate",
-            "--num-supernodes",
-            "3",
-            "--data-dir",
-            chem_silos,
-            "--out-dir",
-            str(out),
-            *CHEM_SIM,
-            "--json",
-        )
-    )
+    summary = _summary(_simulate_chem(chem_silos, out, "--json"))
     assert (
         summary["stop_reason"] == "completed"
         and summary["dataset"] == "custom"
@@ -197,10 +200,7 @@ def test_the_federated_test_release_is_accounted_as_dp_accounting_composes_it(tm
     assert entry["epsilon"] <= 4.0 + 1e-9  # calibrated with the test releases in the plan
 
 
-def test_a_silo_whose_schema_differs_is_refused_by_name_before_anything_is_spent(tmp_path, chem_silos):
-    text = open(os.path.join(chem_silos, "schema.toml")).read().replace("max = 8", "max = 9")
-    with open(os.path.join(chem_silos, "silo-1", "schema.toml"), "w") as fh:
-        fh.write(text)
+def _two_round_plan(tmp_path, chem_silos) -> tuple[TrainConfig, FederatedConfig]:
     cfg = TrainConfig(
         method="dpsgd", dataset="custom", schema=CHEM97_SCHEMA, model="logreg", test_fraction=0.2, batch_size=64,
         epsilon=4.0, seed=0, data_dir=chem_silos, out_dir=str(tmp_path / "runs"),
@@ -208,6 +208,14 @@ def test_a_silo_whose_schema_differs_is_refused_by_name_before_anything_is_spent
     fed = FederatedConfig(
         num_server_rounds=2, importance_rounds=0, min_available_nodes=3, min_train_nodes=3, startup_timeout=30
     )
+    return cfg, fed
+
+
+def test_a_silo_whose_schema_differs_is_refused_by_name_before_anything_is_spent(tmp_path, chem_silos):
+    text = open(os.path.join(chem_silos, "schema.toml")).read().replace("max = 8", "max = 9")
+    with open(os.path.join(chem_silos, "silo-1", "schema.toml"), "w") as fh:
+        fh.write(text)
+    cfg, fed = _two_round_plan(tmp_path, chem_silos)
     with pytest.raises(RoundError, match=r"silo 1: its schema differs from the run's"):
         run_federated(grid_on(chem_silos, 3), cfg, fed, log_fn=lambda s: None)
     assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")  # no run folder left
@@ -217,13 +225,7 @@ def test_the_server_hears_only_that_a_silos_data_do_not_match(tmp_path, chem_sil
     path = os.path.join(chem_silos, "silo-2", "data.csv")
     with open(path, "a") as fh:
         fh.write('999,1,1,4,"X",0,5.5\n')  # gender X is not a category of the schema
-    cfg = TrainConfig(
-        method="dpsgd", dataset="custom", schema=CHEM97_SCHEMA, model="logreg", test_fraction=0.2, batch_size=64,
-        epsilon=4.0, seed=0, data_dir=chem_silos, out_dir=str(tmp_path / "runs"),
-    )  # fmt: skip
-    fed = FederatedConfig(
-        num_server_rounds=2, importance_rounds=0, min_available_nodes=3, min_train_nodes=3, startup_timeout=30
-    )
+    cfg, fed = _two_round_plan(tmp_path, chem_silos)
     with caplog.at_level(logging.ERROR):
         with pytest.raises(RoundError) as err:
             run_federated(grid_on(chem_silos, 3), cfg, fed, log_fn=lambda s: None)
@@ -239,17 +241,7 @@ def test_the_server_hears_only_that_a_silos_data_do_not_match(tmp_path, chem_sil
 def _bad(tmp_path, chem_silos, edit, *extra):
     edit(chem_silos)
     out = tmp_path / "runs"
-    proc = _cli(
-        "simulate",
-        "--num-supernodes",
-        "3",
-        "--data-dir",
-        chem_silos,
-        "--out-dir",
-        str(out),
-        *CHEM_SIM,
-        *extra,
-    )
+    proc = _simulate_chem(chem_silos, out, *extra)
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-2000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not os.listdir(out)
