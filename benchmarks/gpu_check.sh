@@ -19,3 +19,10 @@ timeout 240 python -m benchmarks.bench_step --device cuda --models mnist-cnn cif
 timeout 240 adadpigu simulate --num-supernodes 50 --num-cpus 0.3 --num-gpus 0.02 --ray-num-cpus 16 \
   --num-server-rounds 3 --importance-rounds 1 --min-available-nodes 50 --min-train-nodes 50 \
   --batch-size 64 --local-epochs 1 --epsilon 8 --seed 0 --out-dir "$OUT/sim" --json | tail -n 1 | tee "$OUT/sim50.json"
+# De et al. (2022)'s CIFAR-10 model, WRN-16-4 with GroupNorm, at their recipe's step (augmentation
+# multiplicity, large batch, lr 4 without momentum, EMA of the weights), one epoch only: its
+# step time tells how long the full recipe (875 steps of 4096 x 16 augmented images at
+# epsilon 8, about 80 epochs) takes on this GPU; the full run needs a longer lease than a check.
+timeout 300 adadpigu train --device cuda --dataset cifar10 --model wrn16-4 --augmult 4 --batch-size 1024 \
+  --max-physical-batch 512 --epochs 1 --epsilon 8 --lr 4 --momentum 0 --ema-decay 0.999 --seed 0 \
+  --method dpsgd --out-dir "$OUT/wrn" --json | tail -n 1 | tee "$OUT/wrn16-4.json"

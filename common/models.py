@@ -100,6 +100,51 @@ def cifar_cnn(
     return nn.Sequential(*layers)
 
 
+class _WideBlock(nn.Module):
+    """Pre-activation wide residual block with GroupNorm (De et al. 2022, after Zagoruyko &
+    Komodakis 2016): GN -> ReLU -> conv3x3 -> GN -> ReLU -> conv3x3, plus a 1x1 shortcut
+    where the shape changes; out-of-place throughout (per-sample hooks)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(min(groups, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if stride != 1 or c_in != c_out else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv2(F.relu(self.norm2(self.conv1(out))))
+        return out + skip
+
+
+def wrn_gn(
+    depth: int = 16, width: int = 4, in_channels: int = 3, num_classes: int = NUM_CLASSES
+) -> nn.Module:
+    """WRN-depth-width with GroupNorm (16 groups), De et al. (2022)'s DP CIFAR-10 model
+    (WRN-16-4: 2.7 M parameters); GPU-scale (``benchmarks/gpu_check.sh``)."""
+    n = (depth - 4) // 6
+    widths = [16, 16 * width, 32 * width, 64 * width]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)]
+    c = widths[0]
+    for stage, stride in zip(widths[1:], (1, 2, 2)):
+        for i in range(n):
+            layers.append(_WideBlock(c, stage, stride if i == 0 else 1, 16))
+            c = stage
+    layers += [
+        nn.GroupNorm(16, c),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
 def resnet18_gn(in_channels: int = 3, num_classes: int = NUM_CLASSES) -> nn.Module:
     """torchvision ResNet-18 with GroupNorm (32 groups, or fewer for narrow layers).
 
@@ -246,13 +291,17 @@ def build_model(
                     f"{'x'.join(map(str, shape))}"
                 )
             model = (mnist_cnn if base == "mnist-cnn" else cifar_cnn)(activation, gn, classes)
+        elif name == "wrn16-4":
+            if schema.kind != "image":
+                raise ModelError(f"model '{name}' takes images; '{schema.name}' is a {schema.kind}")
+            model = wrn_gn(16, 4, shape[0], classes)
         elif name == "resnet18-gn":
             if schema.kind != "image":
                 raise ModelError(f"model '{name}' takes images; '{schema.name}' is a {schema.kind}")
             model = resnet18_gn(shape[0], classes)
         else:
             raise ModelError(
-                f"unknown model '{name}' (known: mnist-cnn, mnist-cnn-gn, cifar-cnn, cifar-cnn-gn, resnet18-gn, "
+                f"unknown model '{name}' (known: mnist-cnn, mnist-cnn-gn, cifar-cnn, cifar-cnn-gn, resnet18-gn, wrn16-4, "
                 "scatter-cnn, scatter-linear, logreg, mlp, or package.module:factory)"
             )
     check_dp_compatible(model)
