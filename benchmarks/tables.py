@@ -16,14 +16,22 @@ def _rows(path: str) -> list[dict]:
 
 
 def step_table(rows: list[dict]) -> str:
+    """The step table; with an ``opacus-ghost`` reference (newer files) a column for it."""
+    ghost = any(r.get("ratio_opacus_ghost") is not None for r in rows)
     out = [
-        "| model | batch | method | median ms | peak MB | × non-private | × Opacus |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | method | median ms | peak MB | × non-private | × Opacus |"
+        + (" × Opacus ghost |" if ghost else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if ghost else ""),
     ]
+
+    def ratio(v) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
     for r in rows:
         out.append(
             f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['median_ms']:.1f} | {r['peak_mb']:,.0f} "
-            f"| {r['ratio_nonprivate']:.2f} | {r['ratio_opacus']:.2f} |"
+            f"| {ratio(r['ratio_nonprivate'])} | {ratio(r['ratio_opacus'])} |"
+            + (f" {ratio(r.get('ratio_opacus_ghost'))} |" if ghost else "")
         )
     return "\n".join(out)
 
