@@ -89,6 +89,20 @@ def simulate(
     data folder must be at the same paths on every node (README "More than one machine").
     """
     _check(cfg, fed, num_supernodes, num_cpus, num_gpus, ray_num_cpus, ray_address)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "ADADPIGU_DATA_DIR")}
+    try:
+        return _simulate(
+            cfg, fed, num_supernodes, num_cpus, num_gpus, ray_num_cpus, ray_address, command, run_dir
+        )
+    finally:  # the run's settings must not leak into the next run of this process (a sweep's next cell)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _simulate(cfg, fed, num_supernodes, num_cpus, num_gpus, ray_num_cpus, ray_address, command, run_dir):
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray starts its workers at nice 15: next to any normal-priority process the clients

@@ -235,3 +235,23 @@ def test_a_federated_cell_that_stopped_early_is_not_a_result(tmp_path, monkeypat
     out = capsys.readouterr()
     assert "left out 1 run(s)" in out.err and "budget" in out.err
     assert "| dpsgd | 1 |" in out.out
+
+
+def test_a_simulation_does_not_leak_its_data_folder_into_the_next_cell(monkeypatch, tmp_path, data_dir):
+    """A sweep cell whose variant sets data-dir must not become the next cell's default
+    (simulate exported ADADPIGU_DATA_DIR for its Ray workers and left it set)."""
+    import flwr.simulation
+
+    from common.config import FederatedConfig, TrainConfig
+    from simulations import launcher
+
+    monkeypatch.setenv("ADADPIGU_DATA_DIR", str(tmp_path / "shared"))
+    seen = {}
+    monkeypatch.setattr(
+        flwr.simulation, "run_simulation", lambda **kw: seen.setdefault("env", os.environ["ADADPIGU_DATA_DIR"])
+    )
+    cfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "runs"), train_subset=600, batch_size=64)
+    launcher.simulate(cfg, FederatedConfig(num_server_rounds=2, importance_rounds=1), num_supernodes=2)
+    assert seen["env"] == os.path.abspath(data_dir)  # the run's workers read the run's folder
+    assert os.environ["ADADPIGU_DATA_DIR"] == str(tmp_path / "shared")  # ... and it is undone after
+    assert TrainConfig().data_dir == str(tmp_path / "shared")
