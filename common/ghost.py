@@ -6,7 +6,7 @@ For a ``Linear`` layer the per-example weight gradient is an outer product ``G_i
 (``g_i``: the gradient of example i's loss at the layer's output, ``a_i``: its input), so
 nothing of size ``B x d`` is needed:
 
-- flat clipping: ``||G_i||² = ||g_i||² ||a_i||²``;
+- flat clipping: ``||G_i||² = ||g_i||² ||a_i||²`` (non-negative factors: no cancellation);
 - the stage-1 transform of common.privacy, ``Z_i = G_i ⊙ W + K`` (``W = mask / scale``,
   ``K = -center ⊙ W``), is diagonal in the parameters, so the norm factors through two
   products: ``||Z_i||² = (g_i²)ᵀ W² (a_i²) + 2 g_iᵀ (W ⊙ K) a_i + ||K||²`` (one ``B x out x in``
@@ -20,7 +20,9 @@ k²`` (Li et al.'s rule), which this module checks per layer; a ``Linear`` on ``
 inputs likewise with ``T`` positions. The clipped sum is the layer's ordinary weight
 gradient with each example's output gradient scaled by its clip factor.
 
-Where the algebra does not hold, the rows are materialised (the native sampler's per-layer
+Sums whose terms may cancel (the center's cross term, a Gram matrix's off-diagonal) are taken
+in float64, so that the norm that decides each row's clipping is not smaller than the row's by
+rounding. Where the algebra does not hold, the rows are materialised (the native sampler's per-layer
 rules, common.per_sample) and clipped as before: a non-uniform ``W`` or a center ``K`` on a
 ``Conv2d`` or a multi-position ``Linear`` (a sum over positions inside ``G_i`` does not
 commute with a per-coordinate weight), ``GroupNorm`` parameters (small), and every bias
@@ -151,18 +153,23 @@ class _LinearGhost(_Plan):
             return g.square().sum(1) * a.square().sum(1)
         # (g^2)^T W^2 (a^2), plus the center's cross term and constant; each product is taken
         # through the wider side so that its output is [B, narrower side] (one pass over the wide)
-        w2 = self.w.square()
+        if self.c is not None:
+            # the center's terms may cancel (a row close to the center): float64, so that the
+            # norm that decides the clipping is not smaller than the row's by rounding
+            a, g = a.double(), g.double()
+        w2 = self.w.square().to(a.dtype)
+        w, c = self.w.to(a.dtype), None if self.c is None else self.c.to(a.dtype)
         if a.shape[1] >= g.shape[1]:
             sq = ((a.square() @ w2.t()) * g.square()).sum(1)
-            if self.c is not None:
-                sq = sq + 2.0 * ((a @ (self.w * self.c).t()) * g).sum(1)
+            if c is not None:
+                sq = sq + 2.0 * ((a @ (w * c).t()) * g).sum(1)
         else:
             sq = ((g.square() @ w2) * a.square()).sum(1)
-            if self.c is not None:
-                sq = sq + 2.0 * ((g @ (self.w * self.c)) * a).sum(1)
-        if self.c is not None:
-            sq = sq + self.c.square().sum()
-        return sq
+            if c is not None:
+                sq = sq + 2.0 * ((g @ (w * c)) * a).sum(1)
+        if c is not None:
+            sq = sq + c.square().sum()
+        return sq.to(self.a.dtype)
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         s = (self.g * factors[:, None]).t() @ self.a  # sum_i f_i g_i a_i^T
@@ -189,8 +196,10 @@ class _PositionsGhost(_Plan):
         self.u, self.g, self.weighted_sum = u, g, weighted_sum
 
     def norm_sq(self) -> torch.Tensor:
-        return (torch.bmm(self.g, self.g.transpose(1, 2)) * torch.bmm(self.u, self.u.transpose(1, 2))).sum(
-            (1, 2)
+        # the cross-position terms may cancel: float64 (P x P matrices, cheap where this route is taken)
+        g, u = self.g.double(), self.u.double()
+        return (
+            (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(u, u.transpose(1, 2))).sum((1, 2)).to(self.g.dtype)
         )
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:

@@ -174,3 +174,23 @@ def test_the_engine_takes_the_ghost_path_by_default_and_releases_what_the_rows_g
     b = rows._private_release(data, idx, "flat", 1.0)
     torch.testing.assert_close(a[0].values, b[0].values, rtol=2e-4, atol=2e-6)
     assert a[2] == b[2]
+
+
+def test_a_row_close_to_the_center_keeps_its_norm_despite_cancellation():
+    """The standardized norm ||G ⊙ w + k||² of a row near the center is a small difference of
+    large terms; the clipping must not see it smaller than it is (float64 for those terms)."""
+    from common.ghost import _LinearGhost
+
+    torch.manual_seed(0)
+    layer = nn.Linear(200, 8)
+    x = torch.randn(1, 200).repeat(6, 1) + 1e-3 * torch.randn(6, 200)
+    y = torch.zeros(6, dtype=torch.long)
+    rows = torch.cat(NativeGradSampler(nn.Sequential(layer))(per_example_loss, x, y)[0], dim=1).double()
+    w = torch.ones(layer.weight.numel(), dtype=torch.float32)
+    k = -(rows[:, : layer.weight.numel()].mean(0)).float()  # center = the rows' mean: tiny standardized rows
+    truth = (rows[:, : layer.weight.numel()] * w.double() + k.double()).square().sum(1)
+    a, out = x, layer(x)
+    g = torch.autograd.grad(per_example_loss(out, y).sum(), out)[0]
+    got = _LinearGhost(a, g, w, k, layer.weight.shape).norm_sq().double()
+    assert truth.max() < 1e-3 * (rows[:, : layer.weight.numel()].square().sum(1)).min()  # the hard case
+    torch.testing.assert_close(got, truth, rtol=1e-4, atol=0)

@@ -248,7 +248,9 @@ def test_a_simulation_does_not_leak_its_data_folder_into_the_next_cell(monkeypat
     monkeypatch.setenv("ADADPIGU_DATA_DIR", str(tmp_path / "shared"))
     seen = {}
     monkeypatch.setattr(
-        flwr.simulation, "run_simulation", lambda **kw: seen.setdefault("env", os.environ["ADADPIGU_DATA_DIR"])
+        flwr.simulation,
+        "run_simulation",
+        lambda **kw: seen.setdefault("env", os.environ["ADADPIGU_DATA_DIR"]),
     )
     cfg = TrainConfig(data_dir=data_dir, out_dir=str(tmp_path / "runs"), train_subset=600, batch_size=64)
     launcher.simulate(cfg, FederatedConfig(num_server_rounds=2, importance_rounds=1), num_supernodes=2)
