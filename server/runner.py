@@ -88,12 +88,21 @@ ADDED_SETTINGS = {
     "scatter-norm": "group",
     "scatter-norm-noise": 8.0,
     "scatter-norm-clip": 1.0,
+    # issue 26 (own data, federated evaluation): their defaults are the old behaviour
+    "schema": "",
+    "test-fraction": 0.0,
+    "mlp-hidden": "64",
+    "server-test-data": "auto",
+    "federated-test": "auto",
+    "test-noise": 10.0,
+    "test-loss-bound": 5.0,
 }
 
 
 def config_fingerprint(cfg: TrainConfig, fed: FederatedConfig) -> dict:
     """The settings a resumed run must share with the run it continues."""
     merged = {**cfg.to_dict(), **fed.to_dict()}
+    merged["partitioner"] = cfg.resolved_partitioner()  # "auto" was "iid" before it existed
     return {k: v for k, v in merged.items() if k not in _NOT_RESULT_CHANGING}
 
 

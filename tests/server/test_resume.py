@@ -154,6 +154,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_old_behaviour
     assert {k: ckpt["fingerprint"][k] for k in ADDED_SETTINGS} == ADDED_SETTINGS  # the defaults
     for key in ADDED_SETTINGS:
         del ckpt["fingerprint"][key]
+    ckpt["fingerprint"]["partitioner"] = "iid"  # before "auto" existed, "iid" was the default
     torch.save(ckpt, path)
     resume = fed.__class__(**{**fed.__dict__, "resume": run})
     with pytest.raises(UserError, match=r"settings differ.*features: 'pixels' -> 'scatter'"):
