@@ -57,6 +57,19 @@ def checkout_files() -> set[str] | None:
     return {p for p in paths if not any(part in p for part in _BUILD_LITTER)}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Hypothesis keeps its example database and constants cache in ./.hypothesis unless told
+    # otherwise; send them to a temporary folder that the session removes
+    import shutil
+    import tempfile
+
+    from hypothesis import configuration
+
+    home = tempfile.mkdtemp(prefix="adadpigu-hypothesis-")
+    configuration.set_hypothesis_home_dir(home)
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config._checkout_before = checkout_files()  # type: ignore[attr-defined]
 
