@@ -32,6 +32,23 @@ class DataError(UserError):
         self.public = public
 
 
+def read_toml(path: str, error: type[UserError] = UserError, *, what: str = "") -> dict:
+    """The TOML file ``path`` as a dict; a missing or unreadable file is ``error`` naming the
+    file (``what`` says what kind of file it is: "sweep file", "schema")."""
+    import tomllib
+
+    name = f"{what} {path}" if what else path
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise error(f"{name} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{name} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise error(f"{name} cannot be read: {exc}") from None
+
+
 class BudgetError(UserError):
     """The requested privacy budget cannot be met, or a step would exceed it."""
 

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import DataError
+from common.errors import DataError, read_toml
 
 KINDS = ("table", "image")
 FEATURE_TYPES = ("numeric", "categorical")
@@ -308,13 +307,7 @@ def _encode_categorical(
 
 def load_schema(path: str) -> Schema:
     """The schema in the TOML file ``path``; a bad file is a :class:`DataError` naming the key."""
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise DataError(f"schema {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise DataError(f"schema {path} cannot be read: {exc}") from None
+    data = read_toml(path, DataError, what="schema")
     schema = schema_from_dict(data, where=f"schema {path}")
     return Schema(**{**schema.__dict__, "source": os.path.abspath(path)})
 

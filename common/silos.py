@@ -34,13 +34,12 @@ import json
 import logging
 import os
 import time
-import tomllib
 from dataclasses import dataclass
 
 import torch
 
 from common.data import Splits, TensorData, load_splits, take_subset, with_features
-from common.errors import DataError
+from common.errors import DataError, read_toml
 from common.schema import SCHEMA_FILE, Schema, load_schema, schema_of
 
 SILOS_FILE = "silos.toml"
@@ -79,11 +78,7 @@ def silo_folders(root: str) -> list[str] | None:
     path = os.path.join(root, SILOS_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise DataError(f"{path} cannot be read: {exc}") from None
+    data = read_toml(path, DataError)
     entries = data.get("silo")
     if (
         not isinstance(entries, list)
@@ -127,11 +122,7 @@ def declared_size(folder: str) -> int:
     path = os.path.join(folder, SILO_FILE)
     if not os.path.isfile(path):
         return 0
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise DataError(f"{path} cannot be read: {exc}") from None
+    data = read_toml(path, DataError)
     extra = sorted(set(data) - {"declared-size", "name"})
     if extra:
         raise DataError(f"{path}: unknown key(s) {', '.join(extra)} (known: declared-size, name)")

@@ -33,12 +33,11 @@ import math
 import os
 import statistics
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 
 from common.config import APP_DEFAULTS, FederatedConfig, TrainConfig, check_number, refuse_centralized_only
-from common.errors import ConfigError, UserError
+from common.errors import ConfigError, UserError, read_toml
 from simulations.processes import process_alive
 from simulations.results import collect, stopped_early
 
@@ -69,13 +68,7 @@ class Sweep:
 
 
 def load_sweep(path: str) -> Sweep:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise UserError(f"sweep file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"sweep file {path} is not valid TOML: {exc}") from None
+    data = read_toml(path, UserError, what="sweep file")
     unknown = sorted(set(data) - set(SWEEP_TABLES))
     if unknown:
         raise ConfigError(

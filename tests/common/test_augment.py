@@ -55,34 +55,31 @@ def test_each_row_is_the_mean_of_its_copies_gradients():
 
 
 def test_engine_with_augmult_clips_one_row_per_example():
-    torch.manual_seed(0)
     cfg = TrainConfig(method="dpsgd", epsilon=8.0, batch_size=32, augmult=4, max_physical_batch=64)
+    eng = _engine(cfg, n_train=64)
     data = TensorData(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
-    eng = DPEngine(
-        build_model("mnist-cnn", "mnist"),
-        cfg,
-        n_train=64,
-        device=torch.device("cpu"),
-        noise_generator=torch.Generator().manual_seed(1),
-        sampling_generator=torch.Generator().manual_seed(2),
-    )
     res = eng.step(data, mode="flat", noise_multiplier=1.0)
     assert 0 < res.batch_size <= 64 and res.clipped <= res.batch_size  # rows = examples, not copies
 
 
-def _nonprivate_engine(max_physical_batch: int, augmult: int = 0) -> DPEngine:
+def _engine(cfg: TrainConfig, n_train: int) -> DPEngine:
+    """An MNIST-CNN engine with seeded weights, noise and sampling."""
     torch.manual_seed(0)
-    cfg = TrainConfig(
-        method="nonprivate", batch_size=50, augmult=augmult, max_physical_batch=max_physical_batch
-    )
     return DPEngine(
         build_model("mnist-cnn", "mnist"),
         cfg,
-        n_train=100,
+        n_train=n_train,
         device=torch.device("cpu"),
         noise_generator=torch.Generator().manual_seed(1),
         sampling_generator=torch.Generator().manual_seed(2),
     )
+
+
+def _nonprivate_engine(max_physical_batch: int, augmult: int = 0) -> DPEngine:
+    cfg = TrainConfig(
+        method="nonprivate", batch_size=50, augmult=augmult, max_physical_batch=max_physical_batch
+    )
+    return _engine(cfg, n_train=100)
 
 
 def test_nonprivate_gradient_over_several_chunks_equals_the_one_chunk_gradient():
