@@ -149,8 +149,8 @@ class _LinearGhost(_Plan):
 
     def norm_sq(self) -> torch.Tensor:
         a, g = self.a, self.g
-        if self.w is None:  # flat: ||g||^2 ||a||^2
-            return g.square().sum(1) * a.square().sum(1)
+        if self.w is None:  # flat: ||g||^2 ||a||^2 (a norm reduction: no [B, in] temporary)
+            return torch.linalg.vector_norm(g, dim=1).square() * torch.linalg.vector_norm(a, dim=1).square()
         # (g^2)^T W^2 (a^2), plus the center's cross term and constant; each product is taken
         # through the wider side so that its output is [B, narrower side] (one pass over the wide)
         if self.c is not None:
