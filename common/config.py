@@ -253,6 +253,12 @@ class TrainConfig:
         _choice("per-sample-backend", self.per_sample_backend, PER_SAMPLE_BACKENDS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        self._check_privacy()
+        self._check_optimisation()
+        self._check_adaptive()
+        self._check_splits_and_paths()
+
+    def _check_privacy(self) -> None:
         if self.private and self.epsilon is None and self.noise_multiplier is None:
             raise ConfigError("epsilon", self.epsilon, "a private method needs a target epsilon > 0")
         if self.epsilon is not None:  # checked for every method: a nonprivate run records it too
@@ -268,6 +274,8 @@ class TrainConfig:
                 lo_open=True,
                 hi=1e9,
             )
+
+    def _check_optimisation(self) -> None:
         check_number("batch-size", self.batch_size, lo=1, integer=True)
         if self.sample_rate is not None:
             check_number("sample-rate", self.sample_rate, lo=0.0, hi=1.0, lo_open=True)
@@ -278,6 +286,9 @@ class TrainConfig:
         check_number("augmult", self.augmult, lo=0, hi=256, integer=True)
         check_number("epochs", self.epochs, lo=1, integer=True)
         check_number("pretrain-fraction", self.pretrain_fraction, lo=0.0, hi=1.0, hi_open=True)
+
+    def _check_adaptive(self) -> None:
+        """AdaDPIGU's mask schedule and AdaCliP's clipping statistics."""
         check_number("r0", self.r0, lo=0.0, hi=1.0, lo_open=True)
         check_number("r-max", self.r_max, lo=0.0, hi=1.0, lo_open=True)
         if self.r_max < self.r0:
@@ -296,6 +307,15 @@ class TrainConfig:
         check_number("h2", self.h2, lo=0.0, lo_open=True)
         if self.h2 <= self.h1:
             raise ConfigError("h2", self.h2, f"must be > h1 ({self.h1:g})")
+        if self.method in ("adadpigu", "adadpigu-static", "adaclip") and self.pretrain_fraction <= 0:
+            raise ConfigError(
+                "pretrain-fraction",
+                self.pretrain_fraction,
+                f"method {self.method} needs a pre-training phase (> 0) for its "
+                "importance scores and clipping statistics",
+            )
+
+    def _check_splits_and_paths(self) -> None:
         check_number("validation-fraction", self.validation_fraction, lo=0.0, hi=0.9)
         check_number("test-fraction", self.test_fraction, lo=0.0, hi=0.9)
         if self.validation_fraction + self.test_fraction > 0.95:
@@ -318,13 +338,6 @@ class TrainConfig:
             raise ConfigError("data-dir", self.data_dir, "must be a non-empty path")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ConfigError("out-dir", self.out_dir, "must be a non-empty path")
-        if self.method in ("adadpigu", "adadpigu-static", "adaclip") and self.pretrain_fraction <= 0:
-            raise ConfigError(
-                "pretrain-fraction",
-                self.pretrain_fraction,
-                f"method {self.method} needs a pre-training phase (> 0) for its "
-                "importance scores and clipping statistics",
-            )
 
     # ----- derived properties -------------------------------------------------
     @property
